@@ -45,11 +45,11 @@ class ParamAxes:
     def unit_sums(self, values: Tensor, key: LayerKey) -> Tensor:
         """Sum `values` (same shape as the parameter) over everything but `key`'s unit axis."""
         viewed = values.reshape(self.view)
-        axis = self.axes[key]
-        return viewed.sum(dim=[d for d in range(viewed.dim()) if d != axis])
+        other = [d for d in range(viewed.dim()) if d != self.axes[key]]
+        return viewed.sum(dim=other) if other else viewed  # sum(dim=[]) would reduce everything
 
 
-def param_axes(model) -> list[ParamAxes]:  # noqa: ANN001  (a PrunableViT; avoids a cyclic import)
+def param_axes(model) -> list[ParamAxes]:
     """Every parameter slice owned by a prunable unit of `model`."""
     e = model.dims.emb
     out: list[ParamAxes] = []
@@ -92,7 +92,7 @@ def param_axes(model) -> list[ParamAxes]:  # noqa: ANN001  (a PrunableViT; avoid
     return out
 
 
-def mask_names(model) -> dict[LayerKey, str]:  # noqa: ANN001
+def mask_names(model) -> dict[LayerKey, str]:
     """The mask buffer of every layer of a masked PrunableViT."""
     names = {EMB: "emb_mask"}
     for i in range(len(model.blocks)):

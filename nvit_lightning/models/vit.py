@@ -190,7 +190,7 @@ class PrunableViT(nn.Module):
         prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
-        x = torch.cat(prefix + [x], dim=1) + self.pos_embed  # B, prefix + N, e
+        x = torch.cat([*prefix, x], dim=1) + self.pos_embed  # B, prefix + N, e
         x = _apply_emb_mask(self.pos_drop(x), emb_mask)
         for block in self.blocks:
             x = block(x, emb_mask)

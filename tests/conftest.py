@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvit_lightning.models import PrunableViT, ViTDims
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+DEIT_TINY_CKPT = DATA / "deit_tiny_pipevit" / "deit_tiny_patch16_224_pipevit.pth"
+VAL_DIR = DATA / "imagenet_val_subset_acuity1300"
+SAMPLE_DIR = DATA / "imagenet_sample_1000"
+
+needs_deit_tiny = pytest.mark.skipif(not DEIT_TINY_CKPT.is_file(), reason="no DeiT-Tiny checkpoint in data/")
+needs_imagenet_samples = pytest.mark.skipif(
+    not (VAL_DIR.is_dir() and SAMPLE_DIR.is_dir()), reason="no ImageNet samples in data/")
+
+
+def tiny_vit(distilled: bool = False, seed: int = 0, **kwargs: object) -> PrunableViT:
+    """A 2-block ViT on 32x32 images: fast enough to differentiate through in every test."""
+    torch.manual_seed(seed)
+    dims = ViTDims(48, (3, 2), (16, 8), (8, 16), (64, 96))
+    return PrunableViT(dims, img_size=32, patch_size=8, num_classes=10, distilled=distilled, **kwargs).eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads() -> None:
+    torch.manual_seed(0)
+
+
+def random_masks(model: PrunableViT, seed: int = 0, keep: float = 0.6) -> None:
+    """Random masks over all five kinds, whole heads and EMB channels included (never a whole layer)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, mask in model.masks().items():
+            drop = torch.rand(mask.numel(), generator=generator) > keep
+            drop[torch.randint(mask.numel(), (1,), generator=generator)] = False  # keep one alive
+            mask[drop] = 0
