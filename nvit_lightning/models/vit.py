@@ -225,6 +225,14 @@ class PrunableViT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def size_of(self, dims: ViTDims | None = None) -> dict[str, int]:
+        """Parameters and MACs per image of this model's compact form (or of other `dims`)."""
+        dims = dims or self.live_dims()
+        c = self.config
+        shape = dict(num_classes=c["num_classes"], patch_size=c["patch_size"], in_chans=c["in_chans"],
+                     num_patches=self.patch_embed.num_patches, distilled=c["distilled"])
+        return {"params": dims.num_params(**shape), "macs": dims.macs(**shape)}
+
     def compact(self) -> PrunableViT:
         """A new mask-free model with the live dims and the live weights (see `compact.py`)."""
         from .compact import compact_vit

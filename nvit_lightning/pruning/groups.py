@@ -7,7 +7,7 @@ owns; saliency (`unit_sums`) and pruning (`prune`) are both computed from it, fo
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -101,14 +101,16 @@ class Structure:
         return {key: sums[key] for key in self.layers if key in sums}
 
     @torch.no_grad()
-    def prune(self, key: LayerKey, units: Tensor) -> None:
-        """Mask `units` of layer `key` and zero their parameter slices."""
-        layer = self.layers[key]
-        live_after = int(layer.mask.count_nonzero()) - int(layer.mask[units].count_nonzero())
-        if live_after < 1:
-            raise ValueError(f"pruning would remove every unit of {_describe(key)}")
-        layer.mask[units] = 0
-        self.zero_pruned({key})
+    def prune(self, groups: Sequence[tuple[LayerKey, Tensor]]) -> None:
+        """Mask the units of each (layer, unit indices) pair and zero their parameter slices."""
+        for key, units in groups:
+            layer = self.layers[key]
+            if int(layer.mask.count_nonzero()) - int(layer.mask[units].count_nonzero()) < 1:
+                raise ValueError(f"pruning would remove every unit of {_describe(key)}")
+            layer.mask[units] = 0
+            for spec in layer.params:  # only the pruned slices are touched
+                viewed = self.model.get_parameter(spec.name).data.view(spec.view)
+                viewed.index_fill_(spec.axes[key], units.to(viewed.device), 0)
 
     @torch.no_grad()
     def zero_pruned(self, keys: set[LayerKey] | None = None) -> None:

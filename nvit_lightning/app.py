@@ -1,0 +1,123 @@
+"""What train.py and prune.py share: set-up, config checks, one-line errors, the final report."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from .evaluation import evaluate, measure_latency
+from .models import PrunableViT
+from .pruning.latency import LatencyModel
+from .report import model_entry
+
+log = logging.getLogger("nvit_lightning")
+
+# errors a user can fix from the command line: shown as one line, no traceback
+USER_ERRORS = (FileNotFoundError, ValueError, MissingMandatoryValue)
+
+
+def is_rank_zero() -> bool:
+    """Rank 0 of a (possibly not yet launched) DDP job: Lightning reads the rank from the environment."""
+    return rank_zero_only.rank == 0
+
+
+def cli_errors(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Turn bad input (a wrong path, a bad config value) into a one-line error and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return main(cfg)
+        except USER_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _exit_with(err)
+
+    return wrapper
+
+
+def _exit_with(err: BaseException) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def setup_environment() -> None:
+    """Defaults every run wants: W&B offline unless told otherwise, repository root for configs."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("NVIT_ROOT", str(Path(__file__).resolve().parents[1]))
+    torch.set_float32_matmul_precision("high")
+
+
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising the user's error (a missing file, a bad value) itself
+    rather than Hydra's wrapper around it."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
+
+
+def build_all(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group such as `callbacks` or `logger`."""
+    return [build(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+
+
+def model_tokens(model: PrunableViT) -> int:
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def check_latency_model(latency_model: LatencyModel, model: PrunableViT) -> None:
+    """Refuse a latency model made for another model (token count, or dims outside its grid)."""
+    tokens = getattr(latency_model, "tokens", None) or getattr(latency_model, "meta", {}).get("tokens")
+    if tokens is not None and tokens != model_tokens(model):
+        raise ValueError(f"{latency_model.describe()} is for {tokens} tokens per image, but the model has "
+                         f"{model_tokens(model)}; pick a latency table profiled for this model")
+    try:
+        latency_model.model_latency(model.live_dims())
+    except ValueError as err:
+        raise ValueError(f"the latency model does not cover this model: {err}") from None
+
+
+def check_pruner_config(cfg: DictConfig) -> None:
+    """Bad pruner values fail here, before any model or data is loaded."""
+    p = cfg.pruner
+    for t in [p.target, *p.snapshots]:
+        if not 0.0 < float(t) < 1.0:
+            raise ValueError(f"latency targets must lie strictly between 0 and 1 (pruner.target, "
+                             f"pruner.snapshots), got {t}")
+    if float(p.eta) < 0:
+        raise ValueError(f"pruner.eta must be >= 0, got {p.eta}")
+    if any(float(t) <= float(p.target) for t in p.snapshots):
+        raise ValueError(f"pruner.snapshots {list(p.snapshots)} must all be above pruner.target {p.target}")
+
+
+def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: Any, cfg: DictConfig,
+                   name: str, with_dims: bool) -> dict[str, Any]:
+    """The report entry of one model: size, predicted/measured latency, accuracy on data.val."""
+    batch = getattr(latency_model, "meta", {}).get("batch_size", 1)
+    threads = getattr(latency_model, "meta", {}).get("num_threads")
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto") else "cpu"
+    measured = measure_latency(model, batch, device, num_threads=threads) if cfg.measure_latency else None
+    metrics = None
+    if cfg.evaluate and datamodule.val_spec is not None:
+        metrics = evaluate(model, datamodule.val_dataloader(), device, desc=f"evaluate {name}")
+    return model_entry(model, latency_model, measured, metrics, with_dims)
+
+
+def save_config(cfg: DictConfig, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,236 @@
+"""The global pruner: one ranking of all groups of all kinds, penalised by their latency.
+
+score(S) = Σ_{u∈S} i_u − η · (Lat(W) − Lat(W∖S)), with S a group of `group_size` units of one layer.
+Within a layer the units are sorted by importance and chunked into groups (the penalty is the same
+for every group of a layer, so chunking the sorted units gives the cheapest groups first); all groups
+are ranked together and the lowest go, until `groups_per_event` are gone or the next latency target
+is crossed. Lat(W∖S) is the exact latency-model difference for removing one group from the current
+architecture; further groups of the same layer in the same event reuse it (an event removes a few
+groups out of thousands, so the slope barely moves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..models import EMB, KINDS, LayerKey, ViTDims
+from .criteria import Criterion, build_criterion
+from .groups import Structure
+from .latency import LatencyModel
+
+_KIND_COLUMN = {"emb": 0, "head": 1, "qk": 2, "v": 3, "mlp": 4}  # columns of a latency-model row
+
+
+class UnreachableTargetError(ValueError):
+    """The latency target is below what the group-size constraints allow."""
+
+
+@dataclass
+class PruningEvent:
+    index: int
+    pruned: dict[str, int]  # units removed per kind
+    latency_before: float  # ms, latency model
+    latency_after: float
+    ratio_after: float  # latency_after / dense latency
+    dims: ViTDims
+    targets_reached: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        removed = ", ".join(f"{k} {n}" for k, n in self.pruned.items() if n)
+        return (f"event {self.index}: removed {removed or 'nothing'}; latency {self.latency_before:.2f} -> "
+                f"{self.latency_after:.2f} ms ({self.ratio_after:.3f} of dense)")
+
+
+@dataclass
+class _Candidates:
+    scores: Tensor  # (n,) penalised group scores
+    layers: list[LayerKey]  # layer of each candidate
+    units: list[Tensor]  # unit indices of each candidate
+
+
+class GlobalPruner:
+    def __init__(self, structure: Structure, latency_model: LatencyModel, eta: float = 0.0,
+                 groups_per_event: int = 8, targets: Sequence[float] = (0.7,),
+                 dense_latency: float | None = None) -> None:
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if groups_per_event < 1:
+            raise ValueError(f"groups_per_event must be >= 1, got {groups_per_event}")
+        targets = [float(t) for t in targets]
+        if not targets or any(not 0.0 < t < 1.0 for t in targets):
+            raise ValueError(f"latency targets must lie strictly between 0 and 1, got {targets}")
+        self.structure, self.latency_model = structure, latency_model
+        self.eta, self.groups_per_event = float(eta), int(groups_per_event)
+        self.targets = sorted(set(targets), reverse=True)
+        self.dense_latency = dense_latency or latency_model.model_latency(structure.live_dims())
+        self.reached: list[float] = []
+        self.events = 0
+
+    # ---- where we are ----------------------------------------------------------------------------
+    def latency(self, dims: ViTDims | None = None) -> float:
+        return self.latency_model.model_latency(dims or self.structure.live_dims())
+
+    def latency_ratio(self) -> float:
+        return self.latency() / self.dense_latency
+
+    @property
+    def next_target(self) -> float | None:
+        pending = [t for t in self.targets if t not in self.reached]
+        return pending[0] if pending else None
+
+    @property
+    def done(self) -> bool:
+        return self.next_target is None
+
+    def min_latency_ratio(self) -> float:
+        """Latency ratio of the smallest architecture the constraints allow (one group per layer)."""
+        layers = self.structure.layers
+        dims = self.structure.live_dims()
+        g = {kind: layers[(kind, 0)].group_size for kind in KINDS[1:]}
+        smallest = ViTDims(layers[EMB].group_size, [g["head"]] * dims.depth, [g["qk"]] * dims.depth,
+                           [g["v"]] * dims.depth, [g["mlp"]] * dims.depth)
+        return self.latency(smallest) / self.dense_latency
+
+    def check_reachable(self) -> None:
+        floor = self.min_latency_ratio()
+        if min(self.targets) < floor:
+            raise UnreachableTargetError(
+                f"latency target {min(self.targets)} is unreachable: with these group sizes the "
+                f"smallest allowed model has {floor:.3f} of the dense latency")
+
+    # ---- one event ---------------------------------------------------------------------------------
+    def latency_deltas(self, dims: ViTDims) -> dict[LayerKey, float]:
+        """Lat(W) − Lat(W without one group) for every layer, from one batched latency query."""
+        depth, layers = dims.depth, self.structure.layers
+        current = torch.tensor([dims.block(i) for i in range(depth)], dtype=torch.float64)
+        rows, keys = [current], []
+        for kind, column in _KIND_COLUMN.items():
+            reduced = current.clone()
+            if kind == "emb":
+                reduced[:, 0] -= layers[EMB].group_size
+            else:
+                for i in range(depth):
+                    reduced[i, column] -= layers[(kind, i)].group_size
+            rows.append(reduced.clamp(min=1))
+            keys.append(kind)
+        lat = self.latency_model.block_latency(torch.cat(rows)).double().view(len(rows), depth)
+        deltas: dict[LayerKey, float] = {}
+        for r, kind in enumerate(keys, start=1):
+            if kind == "emb":
+                base = self.latency_model.base_latency(dims.emb) - self.latency_model.base_latency(
+                    max(1, dims.emb - layers[EMB].group_size))
+                deltas[EMB] = float((lat[0] - lat[r]).sum()) + base
+            else:
+                for i in range(depth):
+                    deltas[(kind, i)] = float(lat[0, i] - lat[r, i])
+        return deltas
+
+    def rank(self, scores: Mapping[LayerKey, Tensor]) -> _Candidates:
+        """All prunable groups, lowest penalised score first."""
+        dims = self.structure.live_dims()
+        deltas = self.latency_deltas(dims) if self.eta > 0 else None
+        all_scores, layers, units = [], [], []
+        for layer in self.structure:
+            live = layer.live()
+            allowed = live.numel() // layer.group_size - 1  # never the last group
+            if allowed < 1:
+                continue
+            importance = scores[layer.key].detach().to(live.device)[live].double()
+            if not torch.isfinite(importance).all():
+                raise ValueError(f"non-finite importance scores for {layer.key}: check the loss")
+            order = torch.sort(importance, stable=True).indices[: allowed * layer.group_size]
+            chunks = order.view(allowed, layer.group_size)  # allowed, g
+            group_scores = importance[chunks].sum(1)
+            if deltas is not None:
+                group_scores = group_scores - self.eta * deltas[layer.key]
+            all_scores.append(group_scores.cpu())
+            layers.extend([layer.key] * allowed)
+            units.extend(live[chunks].unbind(0))
+        if not all_scores:
+            return _Candidates(torch.empty(0, dtype=torch.float64), [], [])
+        flat = torch.cat(all_scores)
+        order = torch.sort(flat, stable=True).indices.tolist()
+        return _Candidates(flat[order], [layers[i] for i in order], [units[i] for i in order])
+
+    def step(self, scores: Mapping[LayerKey, Tensor], max_groups: int | None = None) -> PruningEvent:
+        """Prune up to `max_groups` (default `groups_per_event`) groups, stopping at the next target."""
+        max_groups = max_groups or self.groups_per_event
+        dims = self.structure.live_dims()
+        before = after = self.latency(dims)
+        widths = {"emb": dims.emb, **{k: list(getattr(dims, k if k != "head" else "heads"))
+                                      for k in KINDS[1:]}}
+        candidates = self.rank(scores)
+        selected, reached = [], []
+        pruned = dict.fromkeys(KINDS, 0)
+        target = self.next_target
+        for key, units in zip(candidates.layers[:max_groups], candidates.units[:max_groups]):
+            selected.append((key, units))
+            pruned[key[0]] += units.numel()
+            if key == EMB:
+                widths["emb"] -= units.numel()
+            else:
+                widths[key[0]][key[1]] -= units.numel()
+            dims = ViTDims(widths["emb"], widths["head"], widths["qk"], widths["v"], widths["mlp"])
+            after = self.latency(dims)
+            if target is not None and after <= target * self.dense_latency:
+                self.reached.append(target)
+                reached.append(target)
+                break
+        self.structure.prune(selected)
+        event = PruningEvent(self.events, pruned, before, after, after / self.dense_latency, dims, reached)
+        self.events += 1
+        return event
+
+    def state_dict(self) -> dict:
+        return {"dense_latency": self.dense_latency, "reached": list(self.reached), "events": self.events,
+                "targets": list(self.targets), "eta": self.eta}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if [float(t) for t in state["targets"]] != self.targets:
+            raise ValueError(f"pruner state was saved with targets {state['targets']}, "
+                             f"but this run has {self.targets}")
+        self.dense_latency = float(state["dense_latency"])
+        self.reached = [float(t) for t in state["reached"]]
+        self.events = int(state["events"])
+
+
+def prune_to_targets(pruner: GlobalPruner, criterion: Criterion, calibrate: Callable[[], None],
+                     rescore: bool = False, on_event: Callable[[PruningEvent], None] | None = None
+                     ) -> list[PruningEvent]:
+    """One-/few-shot pruning: score on calibration data (`calibrate` runs forward/backward and
+    `criterion.accumulate()`), then prune in events of `groups_per_event` groups until every target
+    is reached; with `rescore`, saliency is re-measured on the pruned model before each event."""
+    pruner.check_reachable()
+    events: list[PruningEvent] = []
+    fresh = False
+    while not pruner.done:
+        if criterion.needs_gradients and (rescore or not fresh):
+            calibrate()
+            criterion.end_interval()
+            fresh = True
+        event = pruner.step(criterion.scores())
+        if not any(event.pruned.values()):
+            raise UnreachableTargetError(
+                f"no prunable group left at {event.ratio_after:.3f} of the dense latency; target "
+                f"{pruner.next_target} cannot be reached with these group sizes")
+        events.append(event)
+        if on_event is not None:
+            on_event(event)
+    return events
+
+
+def build_pruning(model: torch.nn.Module, latency_model: LatencyModel, criterion: str = "hessian",
+                  eta: float = 0.0, targets: Sequence[float] = (0.7,), groups_per_event: int = 8,
+                  group_sizes: Mapping[str, int] | None = None, divisors: Mapping[str, float] | None = None,
+                  ema_beta: float = 0.9, seed: int = 0) -> tuple[Structure, Criterion, GlobalPruner]:
+    """Structure, criterion and pruner for a masked PrunableViT; fails early on bad values and on a
+    target the group-size constraints cannot reach."""
+    structure = Structure(model, group_sizes)
+    scorer = build_criterion(criterion, structure, divisors=divisors, ema_beta=ema_beta, seed=seed)
+    pruner = GlobalPruner(structure, latency_model, eta, groups_per_event, targets)
+    pruner.check_reachable()
+    return structure, scorer, pruner

@@ -1,0 +1,63 @@
+"""report.json (dense vs pruned) and the summary table printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .models import PrunableViT
+from .pruning.latency import LatencyModel
+
+
+def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: float | None,
+                metrics: dict[str, float] | None, with_dims: bool) -> dict[str, Any]:
+    dims = model.live_dims()
+    size = model.size_of(dims)
+    entry = {"params": size["params"], "flops": size["macs"],
+             "latency_pred_ms": latency_model.model_latency(dims), "latency_measured_ms": measured_ms,
+             "top1": (metrics or {}).get("top1"), "top5": (metrics or {}).get("top5")}
+    if with_dims:
+        entry["dims"] = dims.to_dict()
+    return entry
+
+
+def write_report(path: str | Path, dense: dict, pruned: dict, target_latency: float, criterion: str,
+                 eta: float, latency_model: LatencyModel, **extra: Any) -> dict:
+    report = {"dense": dense, "pruned": pruned, "target_latency": target_latency, "criterion": criterion,
+              "eta": eta, "latency_model": latency_model.describe(), **extra}
+    Path(path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summary_table(report: dict) -> str:
+    """Dense vs pruned: params, FLOPs, predicted and measured latency, speed-up, accuracy."""
+    dense, pruned = report["dense"], report["pruned"]
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if not a or not b else f"{a / b:.2f}x"
+
+    rows = [
+        ("params (M)", fmt(dense["params"] / 1e6, ".2f"), fmt(pruned["params"] / 1e6, ".2f"),
+         ratio(dense["params"], pruned["params"])),
+        ("FLOPs (GMAC)", fmt(dense["flops"] / 1e9, ".3f"), fmt(pruned["flops"] / 1e9, ".3f"),
+         ratio(dense["flops"], pruned["flops"])),
+        ("latency predicted (ms)", fmt(dense["latency_pred_ms"], ".4g"), fmt(pruned["latency_pred_ms"], ".4g"),
+         ratio(dense["latency_pred_ms"], pruned["latency_pred_ms"])),
+        ("latency measured (ms)", fmt(dense["latency_measured_ms"], ".4g"),
+         fmt(pruned["latency_measured_ms"], ".4g"),
+         ratio(dense["latency_measured_ms"], pruned["latency_measured_ms"])),
+        ("top-1 (%)", fmt(dense["top1"], ".2f"), fmt(pruned["top1"], ".2f"), ""),
+        ("top-5 (%)", fmt(dense["top5"], ".2f"), fmt(pruned["top5"], ".2f"), ""),
+    ]
+    header = ("", "dense", "pruned", "speed-up / ratio")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    title = (f"target latency {report['target_latency']} · criterion {report['criterion']} · "
+             f"eta {report['eta']} · {report['latency_model']}")
+    return title + "\n" + "\n".join(lines)

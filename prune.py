@@ -1,0 +1,145 @@
+"""One-/few-shot pruning of a checkpoint to a latency target, compaction, export and report.
+
+    python prune.py                                   # DeiT-Tiny to 0.7x CPU latency (conf/prune.yaml)
+    python prune.py pruner=magnitude recovery_steps=100
+    python prune.py mode=export checkpoint=outputs/train/<run>/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from nvit_lightning.app import (
+    build,
+    check_latency_model,
+    check_pruner_config,
+    cli_errors,
+    describe_model,
+    log,
+    save_config,
+    setup_environment,
+)
+from nvit_lightning.models import PrunableViT
+from nvit_lightning.module import NViTModule
+from nvit_lightning.pruning import build_pruning, prune_to_targets
+from nvit_lightning.report import summary_table, write_report
+
+
+def calibrator(model: PrunableViT, loader, criterion, device: str):
+    """Forward/backward over the calibration batches, feeding the criterion after each backward."""
+
+    def calibrate() -> None:
+        model.to(device).eval()  # no dropout: saliency of the function that is actually pruned
+        for images, labels in tqdm(loader, desc="saliency", leave=False):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images.to(device)), labels.to(device)).backward()
+            criterion.accumulate()
+        model.zero_grad(set_to_none=True)
+
+    return calibrate
+
+
+def recover(cfg: DictConfig, student: PrunableViT, teacher: PrunableViT, datamodule) -> PrunableViT:
+    """A short fine-tune of the compact model with KL to the dense one (fresh optimizer)."""
+    d = cfg.distill
+    module = NViTModule(student, optimizer=build(cfg.schedule.finetune_optimizer), kl_weight=d.kl_weight,
+                        temperature=d.temperature, kl_from_start=True, teacher=teacher,
+                        label_smoothing=d.label_smoothing)
+    trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=False,
+                          enable_checkpointing=False)
+    trainer.fit(module, datamodule=datamodule)
+    return module.student
+
+
+def load_train_checkpoint(path: str) -> PrunableViT:
+    """The masked student of a train.py Lightning checkpoint."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (set checkpoint=<run>/checkpoints/last.ckpt)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "student_config" not in ckpt:
+        raise ValueError(f"{path} is not a train.py checkpoint (no student_config)")
+    model = PrunableViT(**ckpt["student_config"])
+    state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def export(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    if not cfg.checkpoint:
+        raise ValueError("mode=export needs checkpoint=<train run>/checkpoints/last.ckpt")
+    masked = load_train_checkpoint(cfg.checkpoint)
+    compact = masked.compact()
+    compact.save_pretrained(out_dir / "model")
+    print(f"compact model {compact.dims.emb=} {compact.num_params() / 1e6:.2f}M params -> {out_dir / 'model'}")
+    return {"model": str(out_dir / "model")}
+
+
+def prune(cfg: DictConfig) -> dict:
+    check_pruner_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
+    latency_model = build(cfg.latency)
+    check_latency_model(latency_model, model)
+    p = cfg.pruner
+    targets = [p.target, *p.snapshots]
+    _, criterion, pruner = build_pruning(
+        model, latency_model, p.criterion, p.eta, targets, p.groups_per_event, p.group_sizes, p.divisors,
+        p.ema_beta, p.seed)
+    save_config(cfg, out_dir)
+    datamodule.setup()
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
+    dense_model = copy.deepcopy(model)
+    dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=False)
+
+    loader = datamodule.calib_dataloader(cfg.calib_batches)
+    snapshots = {}
+
+    def on_event(event) -> None:
+        log.info(event.summary())
+        for target in event.targets_reached:
+            path = out_dir / "snapshots" / f"target_{target:.2f}"
+            model.compact().save_pretrained(path)
+            snapshots[target] = str(path)
+
+    events = prune_to_targets(pruner, criterion, calibrator(model, loader, criterion, device), cfg.rescore,
+                              on_event)
+    compact = model.compact()
+    if cfg.recovery_steps > 0:
+        compact = recover(cfg, compact, dense_model, datamodule)
+    compact.save_pretrained(out_dir / "model")
+    pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
+    report = write_report(out_dir / "report.json", dense, pruned, p.target, p.criterion, p.eta, latency_model,
+                          snapshots=snapshots, events=len(events), calib_batches=cfg.calib_batches,
+                          recovery_steps=cfg.recovery_steps)
+    (out_dir / "pruning_history.json").write_text(json.dumps(
+        [{"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
+         for e in events], indent=1))
+    print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="prune")
+@cli_errors
+def main(cfg: DictConfig) -> None:
+    export(cfg) if cfg.mode == "export" else prune(cfg) if cfg.mode == "prune" else _bad_mode(cfg.mode)
+
+
+def _bad_mode(mode: str) -> None:
+    raise ValueError(f"unknown mode '{mode}': use mode=prune or mode=export")
+
+
+if __name__ == "__main__":
+    setup_environment()
+    main()

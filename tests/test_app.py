@@ -1,0 +1,205 @@
+"""The application: real Hydra configs composed, train.py / prune.py end to end on tiny models,
+resume, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from nvit_lightning.app import setup_environment
+from nvit_lightning.models import PrunableViT
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+setup_environment()
+
+# a downsized model on synthetic data, a FLOPs latency model, no logging: seconds per run
+SMALL = ["model=small_random", "data=synthetic", "latency=flops", "latency.tokens=17", "logger=none",
+         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "evaluate=true",
+         "measure_latency=false", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+QUIET_CALLBACKS = ["~callbacks.progress_bar"]
+
+
+def compose_cfg(config: str, overrides: list[str], out_dir: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name=config, overrides=[*overrides, f"paths.output_dir={out_dir}"])
+    return cfg
+
+
+def run_train(overrides: list[str], out_dir: Path) -> dict:
+    import train
+
+    return train.train(compose_cfg("train", [*QUIET_CALLBACKS, *overrides], out_dir))
+
+
+def run_prune(overrides: list[str], out_dir: Path) -> dict:
+    import prune
+
+    return prune.prune(compose_cfg("prune", overrides, out_dir))
+
+
+def test_default_config_is_the_demo(tmp_path: Path) -> None:
+    default = compose_cfg("train", [], tmp_path)
+    demo = compose_cfg("train", ["+experiment=demo"], tmp_path)
+    assert default == demo
+    assert default.model.timm_name == "deit_tiny_patch16_224"
+    assert default.pruner.target == 0.7 and default.pruner.criterion == "hessian"
+    assert default.latency.path.endswith("deit_tiny_cpu_b32.json")
+    assert default.trainer.accelerator == "cpu"
+
+
+@pytest.mark.parametrize("experiment,target", [("nvit_base", 0.54), ("nvit_hybrid", 0.50),
+                                               ("nvit_small", 0.39), ("nvit_tiny", 0.19)])
+def test_paper_experiments_compose_and_run(experiment: str, target: float, tmp_path: Path) -> None:
+    """The real recipes, downsized: a few optimizer steps, pruning events, compaction, fine-tuning."""
+    recipe = compose_cfg("train", [f"+experiment={experiment}"], tmp_path)
+    assert recipe.pruner.target == target and recipe.pruner.eta == 5e-4
+    assert recipe.model.timm_name == "deit_base_distilled_patch16_224"
+    assert recipe.trainer.strategy == "ddp" and recipe.schedule.optimizer.lr == 1e-4
+    assert recipe.distill.kl_weight == 1e5 and recipe.data.train.kind == "folder"
+
+    report = run_train([f"+experiment={experiment}", *SMALL, "trainer.strategy=auto",
+                        "trainer.devices=1", "pruner.interval=2", "pruner.groups_per_event=64",
+                        "pruner.eta=5e-8", "schedule.prune_max_epochs=3", "schedule.finetune_epochs=1",
+                        "schedule.finetune_scheduler.warmup_steps=1"], tmp_path)
+    assert report["pruned"]["latency_pred_ms"] <= target * report["dense"]["latency_pred_ms"] + 1e-12
+    assert report["pruned"]["params"] < report["dense"]["params"]
+    model = PrunableViT.from_pretrained(tmp_path / "model")
+    assert model.dims.to_dict() == report["pruned"]["dims"] and not model.masked
+    assert (tmp_path / "architecture.png").stat().st_size > 1000
+
+
+def test_train_writes_report_snapshots_and_history(tmp_path: Path) -> None:
+    report = run_train([*SMALL, "pruner.interval=2", "pruner.groups_per_event=3", "pruner.target=0.5",
+                        "pruner.snapshots=[0.8]", "pruner.group_sizes.emb=8", "schedule.prune_max_epochs=20",
+                        "schedule.finetune_epochs=0"], tmp_path)
+    assert set(report) >= {"dense", "pruned", "target_latency", "criterion", "eta", "latency_model"}
+    for entry in ("dense", "pruned"):
+        assert set(report[entry]) >= {"params", "flops", "latency_pred_ms", "latency_measured_ms", "top1", "top5"}
+    assert "dims" in report["pruned"]
+    assert sorted(float(t) for t in report["snapshots"]) == [0.5, 0.8]
+    snap = PrunableViT.from_pretrained(tmp_path / "snapshots" / "target_0.80")
+    final = PrunableViT.from_pretrained(tmp_path / "model")
+    assert snap.num_params() > final.num_params()
+    history = json.loads((tmp_path / "pruning_history.json").read_text())
+    ratios = [h["latency_ratio"] for h in history]
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.5 < ratios[-2]
+    assert all(h["step"] % 2 == 0 for h in history)
+
+
+def test_prune_one_shot_with_recovery_and_export(tmp_path: Path) -> None:
+    report = run_prune([*SMALL, "calib_batches=2", "recovery_steps=2", "pruner.group_sizes.emb=8",
+                        "pruner.target=0.6", "pruner=taylor"], tmp_path / "prune")
+    assert report["criterion"] == "taylor" and report["recovery_steps"] == 2
+    assert report["pruned"]["latency_pred_ms"] <= 0.6 * report["dense"]["latency_pred_ms"]
+    assert PrunableViT.from_pretrained(tmp_path / "prune" / "model").dims.to_dict() == report["pruned"]["dims"]
+
+
+def test_export_mode_compacts_a_train_checkpoint(tmp_path: Path) -> None:
+    run_train([*SMALL, "pruner.interval=2", "pruner.groups_per_event=100", "pruner.group_sizes.emb=8",
+               "schedule.prune_max_epochs=2", "schedule.finetune_epochs=0"], tmp_path / "train")
+    import prune
+
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg("prune", [*SMALL, "mode=export", f"checkpoint={ckpt}"], tmp_path / "export")
+    prune.export(cfg)
+    exported = PrunableViT.from_pretrained(tmp_path / "export" / "model")
+    masked = prune.load_train_checkpoint(str(ckpt))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (exported.eval()(x) - masked.eval()(x)).abs().max() < 1e-4
+
+
+def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, overrides: list[str]) -> dict:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    import train
+    from nvit_lightning.callbacks import GlobalPruning
+
+    cfg = compose_cfg("train", [*QUIET_CALLBACKS, *SMALL, *overrides], tmp_path)
+    L.seed_everything(cfg.seed, workers=True)
+    model = instantiate(cfg.model)
+    pruning = GlobalPruning(instantiate(cfg.latency), **cfg.pruner)
+    module = train.make_module(cfg, model, "prune")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[pruning, checkpoint], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=instantiate(cfg.data), ckpt_path=ckpt_path)
+    return {"masks": {k: v.clone() for k, v in model.masks().items()}, "history": pruning.history,
+            "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("criterion", ["hessian", "random"])
+def test_resume_mid_pruning_continues_exactly(criterion: str, tmp_path: Path) -> None:
+    # 4 steps per epoch, an event every 3 steps: the checkpoint after epoch 2 sits mid-interval
+    overrides = [f"pruner={criterion}", "pruner.interval=3", "pruner.groups_per_event=2", "pruner.target=0.2",
+                 "pruner.group_sizes.emb=8", "data.train.num_samples=32", "data.batch_size=8"]
+    full = _fit_stage1(tmp_path / "full", 4, None, overrides)
+    _fit_stage1(tmp_path / "part", 2, None, overrides)
+    resumed = _fit_stage1(tmp_path / "part", 4, str(tmp_path / "part" / "ckpt" / "last.ckpt"), overrides)
+    assert len(full["history"]) == 5 and resumed["history"] == full["history"]
+    for key, mask in full["masks"].items():
+        assert torch.equal(resumed["masks"][key], mask), key
+    for key, value in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], value)
+
+
+def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:
+    overrides = ["pruner.interval=3", "pruner.groups_per_event=2", "pruner.target=0.2", "pruner.group_sizes.emb=8"]
+    _fit_stage1(tmp_path, 1, None, overrides)
+    with pytest.raises(ValueError, match="another pruning config"):
+        _fit_stage1(tmp_path, 2, str(tmp_path / "ckpt" / "last.ckpt"), [*overrides, "pruner.eta=1.0"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["pruner.target=0"], "strictly between 0 and 1"),
+    (["pruner.target=1.5"], "strictly between 0 and 1"),
+    (["pruner.eta=-1"], "pruner.eta must be >= 0"),
+    (["pruner.criterion=fisher"], "unknown pruning criterion 'fisher'"),
+    (["pruner.group_sizes.mlp=48"], "does not divide"),
+    (["pruner.target=0.001"], "unreachable"),
+    (["data=imagenet_sample", "paths.data_dir=/nonexistent"], "/nonexistent/imagenet_sample_1000"),
+])
+def test_bad_input_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run_train([*[o for o in SMALL if not o.startswith("data=")], *overrides], tmp_path)
+
+
+def test_latency_table_for_another_model_is_refused(tmp_path: Path) -> None:
+    table = ROOT / "data" / "latency" / "deit_tiny_cpu_b1.json"
+    with pytest.raises(ValueError, match="tokens per image"):
+        run_train([*[o for o in SMALL if not o.startswith("latency")], "latency=lut", f"latency.path={table}"],
+                  tmp_path)
+
+
+def test_cli_prints_one_line_error_for_missing_checkpoint(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model.checkpoint=/nowhere/deit.pth", "logger=none",
+         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors[-1].startswith("error: checkpoint not found: /nowhere/deit.pth")
+    assert "model.checkpoint" in errors[-1] and "Traceback" not in result.stderr
+
+
+def test_multirun_sweep_writes_one_report_per_job(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "pruner.eta=0,1e-6", "pruner.target=0.5,0.7",
+         *[o for o in SMALL if not o.startswith("+trainer")], "pruner.interval=2", "pruner.groups_per_event=50",
+         "pruner.group_sizes.emb=8", "schedule.finetune_epochs=0", "evaluate=false",
+         f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = sorted(tmp_path.glob("*/report.json"))
+    assert len(reports) == 4
+    seen = {(json.loads(r.read_text())["eta"], json.loads(r.read_text())["target_latency"]) for r in reports}
+    assert seen == {(0.0, 0.5), (0.0, 0.7), (1e-6, 0.5), (1e-6, 0.7)}

@@ -1,0 +1,104 @@
+"""Pruning-aware fine-tuning (stage 1), compaction, then fine-tuning of the compact model (stage 2).
+
+    python train.py                                  # the CPU demo on DeiT-Tiny (conf/train.yaml)
+    python train.py +experiment=nvit_base            # the paper recipe (conf/experiment/)
+    python train.py -m pruner.eta=0,5e-4 pruner.target=0.5,0.7   # a sweep, one run dir per job
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from nvit_lightning.app import (
+    build,
+    build_all,
+    check_latency_model,
+    check_pruner_config,
+    cli_errors,
+    describe_model,
+    is_rank_zero,
+    log,
+    save_config,
+    setup_environment,
+)
+from nvit_lightning.build import build_cnn_teacher
+from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning
+from nvit_lightning.module import NViTModule
+from nvit_lightning.report import summary_table, write_report
+
+
+def make_module(cfg: DictConfig, model, stage: str, teacher=None) -> NViTModule:
+    d, s = cfg.distill, cfg.schedule
+    cnn = build_cnn_teacher(**d.cnn_teacher) if d.cnn_teacher else None
+    prune = stage == "prune"
+    return NViTModule(
+        model, optimizer=build(s.optimizer if prune else s.finetune_optimizer),
+        scheduler=build(s.scheduler if prune else s.finetune_scheduler), kl_weight=d.kl_weight,
+        temperature=d.temperature if prune else d.finetune_temperature, kl_from_start=not prune,
+        teacher=teacher, label_smoothing=d.label_smoothing, mixup=d.mixup, cnn_teacher=cnn,
+        cnn_alpha=d.cnn_alpha)
+
+
+def train(cfg: DictConfig) -> dict:
+    check_pruner_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
+    latency_model = build(cfg.latency)
+    check_latency_model(latency_model, model)
+    pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"), **cfg.pruner)
+    pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
+    if is_rank_zero():
+        save_config(cfg, out_dir)
+        log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
+        datamodule.setup()
+        dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=False)
+
+    # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ----------
+    module = make_module(cfg, model, "prune")
+    callbacks = [pruning, ArchitectureReport(str(out_dir)), *build_all(cfg.callbacks)]
+    loggers = build_all(cfg.logger) or False
+    trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
+                          logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if not pruning.done:
+        raise ValueError(f"pruning stopped at {pruning.pruner.latency_ratio():.3f} of the dense latency, "
+                         f"before the target {cfg.pruner.target}: raise schedule.prune_max_epochs or "
+                         f"pruner.groups_per_event, and resume with ckpt_path=<run>/checkpoints/last.ckpt")
+    compact = module.student.compact()
+
+    # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
+    if cfg.schedule.finetune_epochs > 0:
+        finetune = make_module(cfg, compact, "finetune", teacher=module.teacher)
+        trainer = build(cfg.trainer, max_epochs=cfg.schedule.finetune_epochs, logger=loggers,
+                              callbacks=build_all(cfg.callbacks), default_root_dir=str(out_dir / "finetune"))
+        trainer.fit(finetune, datamodule=datamodule)
+        compact = finetune.student
+
+    if not is_rank_zero():
+        return {}
+    compact.save_pretrained(out_dir / "model")
+    pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
+    report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, cfg.pruner.criterion,
+                          cfg.pruner.eta, latency_model, snapshots=pruning.snapshots,
+                          events=len(pruning.history))
+    (out_dir / "pruning_history.json").write_text(json.dumps(pruning.history, indent=1))
+    print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@cli_errors
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    setup_environment()
+    main()
