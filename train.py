@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from nvit_lightning.app import (
@@ -76,8 +77,11 @@ def train(cfg: DictConfig) -> dict:
     # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
     if cfg.schedule.finetune_epochs > 0:
         finetune = make_module(cfg, compact, "finetune", teacher=module.teacher)
-        trainer = build(cfg.trainer, max_epochs=cfg.schedule.finetune_epochs, logger=loggers,
-                              callbacks=build_all(cfg.callbacks), default_root_dir=str(out_dir / "finetune"))
+        callbacks = build_all(cfg.callbacks)
+        for callback in callbacks:  # stage-2 checkpoints must not overwrite stage 1's (resumable) ones
+            if isinstance(callback, ModelCheckpoint):
+                callback.dirpath = str(out_dir / "checkpoints" / "finetune")
+        trainer = build(cfg.trainer, max_epochs=cfg.schedule.finetune_epochs, logger=loggers, callbacks=callbacks)
         trainer.fit(finetune, datamodule=datamodule)
         compact = finetune.student
 
