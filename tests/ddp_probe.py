@@ -14,9 +14,10 @@ class DumpPerRank(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         student = pl_module.student
+        compact = student.compact() if student.masked else student
         state = {"rank": trainer.global_rank, "world_size": trainer.world_size,
                  "masks": {k: v.cpu() for k, v in student.masks().items()},
-                 "compact": {k: v.cpu() for k, v in (student.compact() if student.masked else student).state_dict().items()}}
+                 "compact": {k: v.cpu() for k, v in compact.state_dict().items()}}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stage = "prune" if student.masked else "finetune"
         torch.save(state, self.out_dir / f"{stage}_rank{trainer.global_rank}.pt")
