@@ -64,6 +64,49 @@ class LatencyModel(ABC):
 
 
 # ---- lookup table ---------------------------------------------------------------------------------
+def _cell(axis: str, grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Lower and upper grid index of the cell holding each x, and x's position t in [0, 1] in it."""
+    lo_val, hi_val = float(grid[0]), float(grid[-1])
+    bad = (x < lo_val) | (x > hi_val)
+    if bool(bad.any()):
+        value = x[bad][0].item()
+        points = [int(g) if g.is_integer() else g for g in grid.tolist()]
+        raise ValueError(
+            f"latency table: {axis}={value:g} is outside the profiled grid [{lo_val:g}, {hi_val:g}] "
+            f"(grid {points}); re-profile with a grid covering it "
+            f"(python -m nvit_lightning.pruning.profiler profile ...)")
+    if len(grid) == 1:
+        zero = torch.zeros_like(x, dtype=torch.long)
+        return zero, zero, torch.zeros_like(x)
+    lo = (torch.searchsorted(grid, x.contiguous(), right=True) - 1).clamp(0, len(grid) - 2)
+    t = (x - grid[lo]) / (grid[lo + 1] - grid[lo])
+    return lo, lo + 1, t
+
+
+def _interpolate(table: Tensor, grids: list[Tensor], x: Tensor, names: list[str]) -> Tensor:
+    """Multilinear interpolation of a k-D `table` on `grids` at the rows of x (n, k)."""
+    cells = [_cell(name, g, x[:, d]) for d, (name, g) in enumerate(zip(names, grids))]
+    flat, strides = table.reshape(-1), table.stride()
+    result = torch.zeros(len(x), dtype=torch.float64)
+    # a Python loop over the 2^k cell corners, never over rows
+    for corner in itertools.product((0, 1), repeat=len(grids)):
+        index = torch.zeros(len(x), dtype=torch.long)
+        weight = torch.ones(len(x), dtype=torch.float64)
+        for bit, (lo, hi, t), stride in zip(corner, cells, strides):
+            index += (hi if bit else lo) * stride
+            weight *= t if bit else 1 - t
+        result += weight * flat[index]
+    return result
+
+
+def _floats(values: Tensor | list) -> Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+
+def _json_numbers(t: Tensor) -> list:
+    return [int(v) if float(v).is_integer() else float(v) for v in t.tolist()]
+
+
 class LookupTableLatency(LatencyModel):
     """Per-block latency on a 5-D grid, multilinearly interpolated (exact at grid points).
 
@@ -71,84 +114,80 @@ class LookupTableLatency(LatencyModel):
     interpolation is exact for a compute-bound block and only has to absorb the hardware's deviations
     from that between grid points. Queries outside the grid raise instead of extrapolating: a pruned
     dim below the profiled minimum would otherwise get a made-up (possibly negative) latency.
+
+    One deviation is a jump, not a curve: fused attention kernels (PyTorch's flash SDPA) need equal
+    q/k and v head dims, so a block with qk == v runs a faster kernel than its neighbours (2-4x faster
+    attention on a CPU). No interpolation across qk ≠ v can represent that, so the optional
+    `same_qk_v_ms` table (emb, heads, d, mlp), profiled at qk = v = d, serves rows with qk == v, and
+    `block_ms` holds the latency with the kernels that accept qk ≠ v (profiled with the equal-dims-only
+    kernels disabled, so its grid points with qk == v are smooth with their neighbours).
     """
 
     def __init__(self, grid: dict[str, list[int | float]], block_ms: Tensor | list,
-                 base_emb: list[int | float], base_ms: list[float], meta: dict | None = None) -> None:
+                 base_emb: list[int | float], base_ms: list[float], meta: dict | None = None,
+                 same_qk_v_grid: list[int | float] | None = None,
+                 same_qk_v_ms: Tensor | list | None = None) -> None:
         missing = set(AXES) - set(grid)
         if missing:
             raise ValueError(f"latency table grid misses axes {sorted(missing)}; needs {AXES}")
-        self.grid = {a: torch.tensor([float(g) for g in grid[a]], dtype=torch.float64) for a in AXES}
+        self.grid = {a: _floats(grid[a]) for a in AXES}
         for a, g in self.grid.items():
             if len(g) == 0 or bool((g[1:] <= g[:-1]).any()):
                 raise ValueError(f"latency table grid axis {a!r} must be non-empty and strictly "
                                  f"increasing, got {g.tolist()}")
-        shape = tuple(len(self.grid[a]) for a in AXES)
-        self.block_ms = torch.as_tensor(block_ms, dtype=torch.float64).reshape(shape)
-        self.base_emb = torch.tensor([float(e) for e in base_emb], dtype=torch.float64)
-        self.base_ms = torch.tensor([float(m) for m in base_ms], dtype=torch.float64)
+        self.block_ms = torch.as_tensor(block_ms, dtype=torch.float64).reshape(
+            tuple(len(self.grid[a]) for a in AXES))
+        self.base_emb, self.base_ms = _floats(base_emb), _floats(base_ms)
         if self.base_emb.shape != self.base_ms.shape or len(self.base_emb) == 0:
             raise ValueError(f"base_ms: emb and ms lists must have one equal length, got "
                              f"{len(self.base_emb)} and {len(self.base_ms)}")
+        self.same_qk_v_grid = self.same_qk_v_ms = None
+        if same_qk_v_ms is not None:
+            if same_qk_v_grid is None:
+                raise ValueError("same_qk_v_ms needs its grid of head dims (same_qk_v_grid)")
+            self.same_qk_v_grid = _floats(same_qk_v_grid)
+            self.same_qk_v_ms = torch.as_tensor(same_qk_v_ms, dtype=torch.float64).reshape(
+                len(self.grid["emb"]), len(self.grid["heads"]), len(self.same_qk_v_grid),
+                len(self.grid["mlp"]))
         self.meta = dict(meta or {})
-        # flat-index strides of the 5-D table, so the 32 cell corners are one gather each
-        self._strides = torch.tensor(self.block_ms.stride(), dtype=torch.long)
 
     # ---- queries --------------------------------------------------------------------------------
-    def _cell(self, axis: str, grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Lower and upper grid index of the cell holding each x, and x's position t in [0, 1]."""
-        lo_val, hi_val = float(grid[0]), float(grid[-1])
-        bad = (x < lo_val) | (x > hi_val)
-        if bool(bad.any()):
-            value = x[bad][0].item()
-            points = [int(g) if g.is_integer() else g for g in grid.tolist()]
-            raise ValueError(
-                f"latency table: {axis}={value:g} is outside the profiled grid "
-                f"[{lo_val:g}, {hi_val:g}] (grid {points}); "
-                f"re-profile with a grid covering it (python -m nvit_lightning.pruning.profiler profile ...)")
-        if len(grid) == 1:
-            zero = torch.zeros_like(x, dtype=torch.long)
-            return zero, zero, torch.zeros_like(x)
-        lo = (torch.searchsorted(grid, x, right=True) - 1).clamp(0, len(grid) - 2)
-        t = (x - grid[lo]) / (grid[lo + 1] - grid[lo])
-        return lo, lo + 1, t
-
     def block_latency(self, block_dims: Tensor) -> Tensor:
         rows = _as_rows(block_dims)
         out_dtype, device = _out_dtype(rows), rows.device
         x = rows.detach().to("cpu", torch.float64)
-        cells = [self._cell(a, self.grid[a], x[:, d].contiguous()) for d, a in enumerate(AXES)]
-        flat = self.block_ms.reshape(-1)
-        result = torch.zeros(len(x), dtype=torch.float64)
-        # a Python loop over the 2^5 cell corners, never over rows
-        for corner in itertools.product((0, 1), repeat=len(AXES)):
-            index = torch.zeros(len(x), dtype=torch.long)
-            weight = torch.ones(len(x), dtype=torch.float64)
-            for axis_i, (bit, (lo, hi, t)) in enumerate(zip(corner, cells)):
-                index += (hi if bit else lo) * self._strides[axis_i]
-                weight *= t if bit else 1 - t
-            result += weight * flat[index]
+        result = _interpolate(self.block_ms, [self.grid[a] for a in AXES], x, list(AXES))
+        if self.same_qk_v_ms is not None:
+            d = self.same_qk_v_grid
+            same = (x[:, 2] == x[:, 3]) & (x[:, 2] >= d[0]) & (x[:, 2] <= d[-1])
+            if bool(same.any()):
+                grids = [self.grid["emb"], self.grid["heads"], d, self.grid["mlp"]]
+                result[same] = _interpolate(self.same_qk_v_ms, grids, x[same][:, [0, 1, 2, 4]],
+                                            ["emb", "heads", "qk=v", "mlp"])
         return result.to(device=device, dtype=out_dtype)
 
     def base_latency(self, emb: int | float) -> float:
-        lo, hi, t = self._cell("emb (base)", self.base_emb, torch.tensor([float(emb)], dtype=torch.float64))
-        return float((1 - t) * self.base_ms[lo] + t * self.base_ms[hi])
+        x = torch.tensor([[float(emb)]], dtype=torch.float64)
+        return float(_interpolate(self.base_ms, [self.base_emb], x, ["emb (base)"])[0])
 
     def describe(self) -> str:
         m = self.meta
         sizes = "x".join(str(len(self.grid[a])) for a in AXES)
+        same = "" if self.same_qk_v_ms is None else " + qk=v table"
         return (f"LookupTableLatency({m.get('model', '?')} on {m.get('device', '?')}, {m.get('dtype', '?')}, "
                 f"batch {m.get('batch_size', '?')}, tokens {m.get('tokens', '?')}, "
-                f"threads {m.get('num_threads', '?')}, grid {sizes})")
+                f"threads {m.get('num_threads', '?')}, grid {sizes}{same})")
 
     # ---- persistence ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        def ints(t: Tensor) -> list:
-            return [int(v) if float(v).is_integer() else float(v) for v in t.tolist()]
-
-        return {"meta": self.meta, "grid": {a: ints(self.grid[a]) for a in AXES},
+        data = {"meta": self.meta, "grid": {a: _json_numbers(self.grid[a]) for a in AXES},
                 "block_ms": self.block_ms.tolist(),
-                "base_ms": {"emb": ints(self.base_emb), "ms": self.base_ms.tolist()}}
+                "base_ms": {"emb": _json_numbers(self.base_emb), "ms": self.base_ms.tolist()}}
+        if self.same_qk_v_ms is not None:
+            data["same_qk_v_ms"] = {"axes": ["emb", "heads", "qk=v", "mlp"],
+                                    "qk_v": _json_numbers(self.same_qk_v_grid),
+                                    "ms": self.same_qk_v_ms.tolist()}
+        return data
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -161,8 +200,9 @@ class LookupTableLatency(LatencyModel):
         missing = {"grid", "block_ms", "base_ms"} - set(data)
         if missing:
             raise ValueError(f"{source} is not a latency table: missing keys {sorted(missing)}")
+        same = data.get("same_qk_v_ms") or {}
         return cls(data["grid"], data["block_ms"], data["base_ms"]["emb"], data["base_ms"]["ms"],
-                   data.get("meta", {}))
+                   data.get("meta", {}), same.get("qk_v"), same.get("ms"))
 
     @classmethod
     def load(cls, path: str | Path, expect_tokens: int | None = None,

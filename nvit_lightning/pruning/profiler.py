@@ -10,12 +10,18 @@ grid point's dims, under `torch.inference_mode()` with a fixed thread count (rec
 meta and re-applied by `check`). A block's latency is (model - model without blocks) / stack, so it
 includes what an isolated block would miss: its weights evicted from the caches by its neighbours
 and by the patch embedding and head (at batch 1 on a CPU an isolated block runs ~10 % faster than
-the same block inside DeiT-Tiny). For a uniform model the table is exact by construction.
+the same block inside DeiT-Tiny). A uniform model of depth `stack` is predicted exactly by
+construction.
+
+On a CPU, `measure_ms` pins glibc's malloc thresholds first (`steady_malloc`): otherwise whether a
+forward page-faults its largest activations afresh depends on the process's allocation history,
+and the same model's latency jumps by ~40 % between processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import itertools
 import json
@@ -27,10 +33,12 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models.dims import ViTDims
 from ..models.vit import CONFIG_FILE, WEIGHTS_FILE, Block, PrunableViT
@@ -46,6 +54,9 @@ PRESETS: dict[str, dict[str, list[int]]] = {
     "deit_base": dict(emb=[16, 256, 512, 768], heads=[1, 4, 8, 12], qk=[8, 32, 64], v=[8, 32, 64],
                       mlp=[16, 1024, 2048, 3072]),
 }
+
+# the attention kernels that accept qk != v: flash (and cuDNN) attention need equal head dims
+UNEQUAL_DIMS_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -81,17 +92,48 @@ def _patch_grid(tokens: int) -> tuple[int, bool]:
     raise ValueError(f"tokens={tokens} is not a square number of patches plus 1 (cls) or 2 (cls + dist)")
 
 
+_MALLOC_PINNED: bool | None = None
+
+
+def steady_malloc() -> bool:
+    """Keep glibc malloc from handing activation memory back to the OS between forwards (CPU timing).
+
+    glibc's mmap threshold adapts to the sizes a process has freed so far, so whether the largest
+    activations of a forward are page-faulted in afresh every time depends on the process's history:
+    on the reference machine DeiT-Tiny at batch 32 runs in ~320 ms or ~450 ms (110k page faults per
+    forward) depending on the process. Fixed thresholds keep freed memory in the heap, as tcmalloc or
+    jemalloc would, so profiling and every later measurement see the same steady state. Applied once
+    per process (the process then keeps its peak heap); returns False where it cannot (not glibc).
+    """
+    global _MALLOC_PINNED
+    if _MALLOC_PINNED is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+            # 32 MiB is glibc's largest mmap threshold; 2 GiB - 1 the largest int mallopt accepts
+            _MALLOC_PINNED = bool(libc.mallopt(m_mmap_threshold, 32 << 20)
+                                  and libc.mallopt(m_trim_threshold, 2**31 - 1))
+        except (OSError, AttributeError):
+            _MALLOC_PINNED = False
+    return _MALLOC_PINNED
+
+
 def measure_ms(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3,
                repeats: int = 10, rounds: int = 1) -> float:
-    """Wall time of `fn()` in ms: the lowest over `rounds` of the median of `repeats` calls.
+    """Wall time of `fn()` in ms: the median over `rounds` of the median of `repeats` calls.
 
-    Other processes only ever slow a run down, and on a shared CPU a burst of load can slow every
-    call of one round (OpenMP threads wait for a descheduled sibling), so the median alone is not
-    enough; the best round is what the hardware does. CUDA events on a GPU (kernels are asynchronous).
+    On a shared (virtual) machine the speed drifts both ways over seconds to minutes: other processes
+    slow a run down by up to 5x (OpenMP threads wait for a descheduled sibling), and a busy or idle
+    hyper-thread sibling on the host moves it by ~30 %. The median of rounds spread out in time is the
+    typical latency, which is what a later measurement of the whole model most likely sees.
+    CUDA events on a GPU (kernels are asynchronous). On a CPU the allocator is pinned first
+    (`steady_malloc`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    best = math.inf
+    if device.type == "cpu":
+        steady_malloc()
+    medians = []
     with torch.inference_mode():
         for _ in range(rounds):
             for _ in range(warmup):
@@ -111,8 +153,8 @@ def measure_ms(fn: Callable[[], object], device: torch.device | str = "cpu", war
                     t0 = time.perf_counter()
                     fn()
                     times.append((time.perf_counter() - t0) * 1e3)
-            best = min(best, statistics.median(times))
-    return best
+            medians.append(statistics.median(times))
+    return statistics.median(medians)
 
 
 def _base_model(emb: int, tokens: int, num_classes: int, patch_size: int) -> PrunableViT:
@@ -131,16 +173,21 @@ def _round(x: float, digits: int = 4) -> float:
 def profile_lut(grid: dict[str, list[int]], tokens: int = 197, batch_size: int = 32, device: str = "cpu",
                 dtype: str = "float32", warmup: int = 3, repeats: int = 10, num_classes: int = 1000,
                 patch_size: int = 16, progress: bool = True, num_threads: int | None = None,
-                rounds: int = 3, stack: int = 4, model: str = "custom",
+                rounds: int = 3, stack: int = 12, same_qk_v: bool = True, model: str = "custom",
                 seed: int = 0) -> LookupTableLatency:
     """Profile the per-block latency table over `grid` (and the non-block base at every emb).
 
     Every grid point is timed as a compact model of `stack` identical blocks, minus the same model
-    without blocks (`stack` = the model's depth is the most faithful, and is cheap at batch 1; at large
-    batches cache effects are small and a few blocks suffice). The grid is swept `rounds` times, each
-    time in a fresh random order, and every point keeps its best per-round median (as `measure_ms`):
-    a burst of load from other processes then spoils one sweep of a few points, not the table.
-    `num_threads` (default: the current setting) is recorded in the meta.
+    without blocks. `stack` = the depth of the models to predict is the most faithful: at batch 1 a
+    block's time depends on its neighbours evicting its weights from the caches; at large batches
+    activations dominate and a few blocks (e.g. 4) give the same per-block time. The 5-D table is
+    timed with the attention kernels that accept qk ≠ v; with `same_qk_v`, blocks with qk = v (every
+    qk value also in the v grid) are timed again with all kernels, for the table's qk = v part.
+
+    The grid is swept `rounds` times, each time in a fresh random order, and every point keeps the
+    median of its per-round medians (as `measure_ms`): a burst of load from other processes, or a
+    faster spell, then spoils one sweep of a few points, not the table. `num_threads` (default: the
+    current setting) is recorded in the meta.
     """
     from tqdm.auto import tqdm
 
@@ -148,62 +195,101 @@ def profile_lut(grid: dict[str, list[int]], tokens: int = 197, batch_size: int =
     if missing:
         raise ValueError(f"profile grid misses axes {sorted(missing)}; needs {AXES}")
     grid = {a: sorted({int(g) for g in grid[a]}) for a in AXES}
+    same_grid = sorted(set(grid["qk"]) & set(grid["v"])) if same_qk_v else []
     device_t, dtype_t = torch.device(device), _torch_dtype(dtype)
     side, distilled = _patch_grid(tokens)
     old_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    points = list(itertools.product(*(range(len(grid[a])) for a in AXES)))
-    model_ms = torch.full(tuple(len(grid[a]) for a in AXES), math.inf, dtype=torch.float64)
-    base_ms = [math.inf] * len(grid["emb"])
+    rng = random.Random(seed)  # the sweep order; weights stay random (their values do not matter)
+    # per-round timings, reduced by a median over rounds at the end
+    model_ms = torch.full((rounds, *(len(grid[a]) for a in AXES)), math.nan, dtype=torch.float64)
+    same_ms = torch.full((rounds, len(grid["emb"]), len(grid["heads"]), len(same_grid), len(grid["mlp"])),
+                         math.nan, dtype=torch.float64)
+    # (table, index, dims) of every timed model
+    jobs = [(model_ms, idx, tuple(grid[a][i] for a, i in zip(AXES, idx)))
+            for idx in itertools.product(*(range(len(grid[a])) for a in AXES))]
+    jobs += [(same_ms, idx, (grid["emb"][idx[0]], grid["heads"][idx[1]], same_grid[idx[2]],
+                             same_grid[idx[2]], grid["mlp"][idx[3]]))
+             for idx in itertools.product(*(range(n) for n in same_ms.shape[1:]))]
+    base_ms = torch.full((rounds, len(grid["emb"])), math.nan, dtype=torch.float64)
     images = torch.randn(batch_size, 3, side * patch_size, side * patch_size, device=device_t, dtype=dtype_t)
     start = time.perf_counter()
-    bar = tqdm(total=rounds * (len(points) + len(grid["emb"])), desc=f"profiling b{batch_size} {device}",
+    bar = tqdm(total=rounds * (len(jobs) + len(grid["emb"])), desc=f"profiling b{batch_size} {device}",
                disable=not progress)
     try:
-        for _ in range(rounds):
-            bases = [_base_model(e, tokens, num_classes, patch_size).eval().to(device_t, dtype_t)
-                     for e in grid["emb"]]
-            for i, base in enumerate(bases):
-                base_ms[i] = min(base_ms[i], measure_ms(lambda m=base: m(images), device_t, warmup, repeats))
+        for r in range(rounds):
+            bases = {e: _base_model(e, tokens, num_classes, patch_size).eval().to(device_t, dtype_t)
+                     for e in grid["emb"]}
+            for i, base in enumerate(bases.values()):
+                base_ms[r, i] = measure_ms(lambda m=base: m(images), device_t, warmup, repeats)
                 bar.update()
             # a random order keeps a slow spell from biasing one corner of the table, which
             # interpolation would turn into wrong latency differences
-            rng.shuffle(points)
-            for idx in points:
-                emb, heads, qk, v, mlp = (grid[a][i] for a, i in zip(AXES, idx))
-                net = bases[idx[0]]
+            rng.shuffle(jobs)
+            for table, idx, (emb, heads, qk, v, mlp) in jobs:
+                net = bases[emb]
                 # fresh blocks every round: keeping all grid points alive would need GBs for DeiT-B
                 net.blocks = nn.ModuleList(Block(emb, heads, qk, v, mlp, masked=False) for _ in range(stack))
                 net.eval().to(device_t, dtype_t)
-                ms = measure_ms(lambda m=net: m(images), device_t, warmup, repeats)
-                model_ms[idx] = min(float(model_ms[idx]), ms)
+                kernels = nullcontext() if table is same_ms else sdpa_kernel(UNEQUAL_DIMS_BACKENDS)
+                with kernels:
+                    table[(r, *idx)] = measure_ms(lambda m=net: m(images), device_t, warmup, repeats)
                 bar.update()
-            for net in bases:
+            for net in bases.values():
                 net.blocks = nn.ModuleList()
         num_threads = torch.get_num_threads()
     finally:
         bar.close()
         torch.set_num_threads(old_threads)
-    base = torch.tensor(base_ms, dtype=torch.float64).view(-1, 1, 1, 1, 1)
-    block_ms = (model_ms - base) / stack
-    # a difference of two noisy timings; only a tiny block on a loaded machine could make it <= 0
-    floor = 1e-3 * model_ms / stack
-    if bool((block_ms < floor).any()):
-        warnings.warn(f"{int((block_ms < floor).sum())} grid points measured no slower than the model "
-                      f"without blocks; clamped. Re-profile on an idle machine or with a larger --stack",
-                      stacklevel=2)
-    block_ms = torch.maximum(block_ms, floor)
+    base = base_ms.nanquantile(0.5, dim=0)
+    block_ms = _per_block(model_ms.nanquantile(0.5, dim=0), base.view(-1, 1, 1, 1, 1), stack)
+    same_block_ms = (_per_block(same_ms.nanquantile(0.5, dim=0), base.view(-1, 1, 1, 1), stack)
+                     if same_grid else None)
     meta = dict(model=model, device=device_name(device_t), device_type=device_t.type,
                 dtype=str(dtype_t).removeprefix("torch."), batch_size=batch_size, tokens=tokens,
                 distilled=distilled, num_classes=num_classes, patch_size=patch_size,
                 num_threads=num_threads, torch=torch.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), warmup=warmup,
                 repeats=repeats, rounds=rounds, stack=stack,
+                steady_malloc=device_t.type == "cpu" and steady_malloc(),
                 profile_seconds=round(time.perf_counter() - start, 1), host=platform.node(), grid=grid)
-    return LookupTableLatency(grid, block_ms.apply_(_round), grid["emb"], [_round(m) for m in base_ms], meta)
+    return LookupTableLatency(grid, block_ms, grid["emb"], [_round(m) for m in base.tolist()], meta,
+                              same_grid or None, same_block_ms)
+
+
+def _per_block(model_ms: Tensor, base_ms: Tensor, stack: int) -> Tensor:
+    """(model - model without blocks) / stack, rounded to 4 significant digits."""
+    block_ms = (model_ms - base_ms) / stack
+    # a difference of two noisy timings: only a tiny block on a loaded machine can make it <= 0
+    floor = 1e-3 * model_ms / stack
+    if bool((block_ms < floor).any()):
+        warnings.warn(f"{int((block_ms < floor).sum())} grid points measured no slower than the model "
+                      f"without blocks; clamped. Re-profile on an idle machine or with a larger --stack",
+                      stacklevel=3)
+    return torch.maximum(block_ms, floor).apply_(_round)
+
+
+def load_or_profile(path: str | Path, preset: str = "deit_tiny", tokens: int = 197, batch_size: int = 32,
+                    device: str = "cpu", dtype: str = "float32", **profile_kwargs: object) -> LookupTableLatency:
+    """The table cached at `path` when it was profiled for this preset's grid, tokens, batch size,
+    device type and dtype; otherwise profile it now (`profile_lut(**profile_kwargs)`) and cache it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    grid = PRESETS[preset]
+    wanted = dict(model=preset, tokens=tokens, batch_size=batch_size, device_type=torch.device(device).type,
+                  dtype=str(_torch_dtype(dtype)).removeprefix("torch."), grid=grid)
+    path = Path(path)
+    if path.is_file():
+        table = LookupTableLatency.load(path)
+        stale = {k: (table.meta.get(k), v) for k, v in wanted.items() if table.meta.get(k) != v}
+        if not stale:
+            return table
+        print(f"latency table {path} does not match ({stale}); profiling a new one")
+    table = profile_lut(grid, tokens=tokens, batch_size=batch_size, device=device, dtype=dtype,
+                        model=preset, **profile_kwargs)  # type: ignore[arg-type]
+    table.save(path)
+    return table
 
 
 # ---- check: predicted vs measured -------------------------------------------------------------------
@@ -278,9 +364,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per point and round")
-    p.add_argument("--rounds", type=int, default=3, help="sweeps over the grid; each point keeps its best")
-    p.add_argument("--stack", type=int, default=4,
-                   help="identical blocks per timed model (the model's depth is most faithful)")
+    p.add_argument("--rounds", type=int, default=3, help="sweeps over the grid; each point keeps its median")
+    p.add_argument("--stack", type=int, default=12,
+                   help="identical blocks per timed model: the depth of the models to predict")
+    p.add_argument("--no-same-qk-v", action="store_true",
+                   help="skip the qk = v table (fused attention kernels that need equal head dims)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--patch-size", type=int, default=16)
@@ -309,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                             dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
                             num_classes=args.num_classes, patch_size=args.patch_size,
                             progress=not args.no_progress, num_threads=args.threads, rounds=args.rounds,
-                            stack=args.stack,
+                            stack=args.stack, same_qk_v=not args.no_same_qk_v,
                             model=args.model or args.preset or "custom")
         table.save(args.out)
         print(f"wrote {args.out}: {table.describe()} in {table.meta['profile_seconds']} s")
