@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -20,8 +19,7 @@ from tqdm.auto import tqdm
 
 from nvit_lightning.app import (
     build,
-    check_latency_model,
-    check_pruner_config,
+    build_run,
     cli_errors,
     describe_model,
     log,
@@ -85,13 +83,8 @@ def export(cfg: DictConfig) -> dict:
 
 
 def prune(cfg: DictConfig) -> dict:
-    check_pruner_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build(cfg.data)
-    model = build(cfg.model)
-    latency_model = build(cfg.latency)
-    check_latency_model(latency_model, model)
+    datamodule, model, latency_model = build_run(cfg)
     p = cfg.pruner
     targets = [p.target, *p.snapshots]
     _, criterion, pruner = build_pruning(

@@ -11,15 +11,13 @@ import json
 from pathlib import Path
 
 import hydra
-import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from nvit_lightning.app import (
     build,
     build_all,
-    check_latency_model,
-    check_pruner_config,
+    build_run,
     cli_errors,
     describe_model,
     is_rank_zero,
@@ -46,13 +44,8 @@ def make_module(cfg: DictConfig, model, stage: str, teacher=None) -> NViTModule:
 
 
 def train(cfg: DictConfig) -> dict:
-    check_pruner_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build(cfg.data)
-    model = build(cfg.model)
-    latency_model = build(cfg.latency)
-    check_latency_model(latency_model, model)
+    datamodule, model, latency_model = build_run(cfg)
     pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"), **cfg.pruner)
     pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
     if is_rank_zero():

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -116,6 +117,17 @@ def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: 
     if cfg.evaluate and datamodule.val_spec is not None:
         metrics = evaluate(model, datamodule.val_dataloader(), device, desc=f"evaluate {name}")
     return model_entry(model, latency_model, measured, metrics, with_dims)
+
+
+def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
+    """Datamodule, model and latency model of a train/prune run, checked before any work starts."""
+    check_pruner_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
+    latency_model = build(cfg.latency)
+    check_latency_model(latency_model, model)
+    return datamodule, model, latency_model
 
 
 def save_config(cfg: DictConfig, out_dir: Path) -> None:
