@@ -28,6 +28,41 @@ def test_timm_parity_random_init(name: str) -> None:
     assert ours.num_params() == sum(p.numel() for p in reference.parameters())
 
 
+def _slice_linear(linear: torch.nn.Linear, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None) -> torch.nn.Linear:
+    weight = linear.weight.data
+    weight = weight if rows is None else weight[rows]
+    weight = weight if cols is None else weight[:, cols]
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    out.weight.data.copy_(weight)
+    if linear.bias is not None:
+        out.bias.data.copy_(linear.bias.data if rows is None else linear.bias.data[rows])
+    return out
+
+
+def test_timm_parity_structurally_pruned_model() -> None:
+    """A timm ViT pruned by another tool (as Torch-Pruning leaves it: fewer heads, narrower heads,
+    narrower MLP per block) converts to the same function, dims read off the modules."""
+    reference = timm.create_model("deit_tiny_patch16_224").eval()
+    kept = {0: (3, 40), 1: (2, 64)}  # block: (heads kept, head dim kept)
+    for i, (heads, head_dim) in kept.items():
+        attn = reference.blocks[i].attn
+        per_head = torch.arange(head_dim)
+        rows = torch.cat([h * 64 + per_head for h in range(heads)])  # one of q/k/v
+        attn.qkv = _slice_linear(attn.qkv, torch.cat([rows + part * 192 for part in range(3)]))
+        attn.proj = _slice_linear(attn.proj, cols=rows)
+        attn.num_heads, attn.head_dim, attn.attn_dim = heads, head_dim, heads * head_dim
+    mlp = reference.blocks[2].mlp
+    mlp.fc1, mlp.fc2 = _slice_linear(mlp.fc1, torch.arange(500)), _slice_linear(mlp.fc2, cols=torch.arange(500))
+    ours = from_timm(reference).eval()
+    assert (ours.dims.heads[:2], ours.dims.qk[:2], ours.dims.v[:2]) == ((3, 2), (40, 64), (40, 64))
+    assert ours.dims.mlp[2] == 500
+    x = _images()
+    with torch.no_grad():
+        assert (ours(x) - reference(x)).abs().max() < 1e-4
+    assert ours.num_params() == sum(p.numel() for p in reference.parameters())
+
+
 @needs_deit_tiny
 def test_timm_parity_real_checkpoint() -> None:
     reference = timm.create_model("deit_tiny_patch16_224", checkpoint_path=str(DEIT_TINY_CKPT)).eval()

@@ -66,13 +66,14 @@ def test_eta_zero_is_pure_saliency_ranking() -> None:
             expected.append((float(s[c * layer.group_size:(c + 1) * layer.group_size].sum()), layer.key))
     expected.sort(key=lambda t: t[0])
     ranked = pruner.rank(scores)
-    assert ranked.layers[:20] == [key for _, key in expected[:20]]
+    top = ranked.top(20)
+    assert [key for key, _ in top] == [key for _, key in expected[:20]]
     torch.testing.assert_close(ranked.scores[:20], torch.tensor([s for s, _ in expected[:20]],
                                                                 dtype=torch.float64))
     # and the units of the first group are that layer's lowest-scored ones
-    first = ranked.layers[0]
+    first, units = top[0]
     g = structure.layers[first].group_size
-    assert set(ranked.units[0].tolist()) == set(scores[first].argsort()[:g].tolist())
+    assert set(units.tolist()) == set(scores[first].argsort()[:g].tolist())
 
 
 def test_large_eta_prefers_latency_heavy_groups() -> None:
@@ -80,11 +81,11 @@ def test_large_eta_prefers_latency_heavy_groups() -> None:
     uniform = {layer.key: torch.full((layer.size,), 1e-3) for layer in structure}
     pruner = GlobalPruner(structure, _latency(), eta=1e6)
     deltas = pruner.latency_deltas(structure.live_dims())
-    ranked = pruner.rank(uniform)
+    [(first, _)] = pruner.rank(uniform).top(1)
     # saliency per group is g x 1e-3, negligible against η·ΔLat: the heaviest ΔLat goes first
-    assert deltas[ranked.layers[0]] == pytest.approx(max(deltas.values()))
-    no_penalty = GlobalPruner(structure, _latency(), eta=0.0).rank(uniform)
-    assert no_penalty.layers[0] != ranked.layers[0]  # cheapest by count (groups of 1 head) without η
+    assert deltas[first] == pytest.approx(max(deltas.values()))
+    [(first_without_penalty, _)] = GlobalPruner(structure, _latency(), eta=0.0).rank(uniform).top(1)
+    assert first_without_penalty != first  # cheapest by count (groups of 1 head) without η
 
 
 def test_reaches_target_and_records_crossings_in_order() -> None:
@@ -149,7 +150,7 @@ def test_pruned_units_never_count_again_and_weights_are_zero() -> None:
         for spec in layer.params:
             viewed = model.get_parameter(spec.name).view(spec.view)
             assert viewed.index_select(spec.axes[layer.key], dead[layer.key]).abs().sum() == 0
-    for key, units in zip(*(lambda r: (r.layers, r.units))(pruner.rank(scores))):
+    for key, units in pruner.rank(scores).top():
         assert not set(units.tolist()) & set(dead[key].tolist())
 
 

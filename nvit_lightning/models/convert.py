@@ -44,9 +44,19 @@ def dims_from_timm_state_dict(state_dict: dict[str, Tensor], num_heads: int) -> 
     return ViTDims(emb, [num_heads] * depth, [head_dim] * depth, [head_dim] * depth, mlp)
 
 
+def dims_from_timm_model(model: nn.Module) -> ViTDims:
+    """Dims of a timm ViT module, also one structurally pruned by another tool (per-block heads,
+    head dim and MLP width, embedding narrower than heads x head dim)."""
+    heads = [block.attn.num_heads for block in model.blocks]
+    head_dims = [block.attn.qkv.out_features // (3 * h) for block, h in zip(model.blocks, heads)]
+    return ViTDims(model.cls_token.shape[-1], heads, head_dims, head_dims,
+                   [block.mlp.fc1.out_features for block in model.blocks])
+
+
 def from_timm_state_dict(state_dict: dict[str, Tensor], num_heads: int, masked: bool = True,
-                         source: str = "state dict", **model_kwargs: object) -> PrunableViT:
-    dims = dims_from_timm_state_dict(state_dict, num_heads)
+                         source: str = "state dict", dims: ViTDims | None = None,
+                         **model_kwargs: object) -> PrunableViT:
+    dims = dims or dims_from_timm_state_dict(state_dict, num_heads)
     patch_w = state_dict["patch_embed.proj.weight"]  # emb, in_chans, p, p
     distilled = "dist_token" in state_dict
     num_patches = state_dict["pos_embed"].shape[1] - (2 if distilled else 1)
@@ -87,8 +97,13 @@ def from_timm(source: nn.Module | str | dict[str, Tensor], checkpoint_path: str 
         source = source_model
     if isinstance(source, nn.Module):
         _check_supported(source)
+        dims = dims_from_timm_model(source)
+        # the scale the module really applies: fused attention uses 1/sqrt(its actual head dim)
+        scale_dims = [qk if b.attn.fused_attn else round(b.attn.scale ** -2)
+                      for b, qk in zip(source.blocks, dims.qk)]
         return from_timm_state_dict(source.state_dict(), source.blocks[0].attn.num_heads, masked,
-                                    type(source).__name__, **model_kwargs)
+                                    type(source).__name__, dims,
+                                    **{"attn_scale_dims": scale_dims, **model_kwargs})
     if num_heads is None:
         raise ValueError("from_timm(state_dict) needs num_heads: it cannot be read off the shapes")
     return from_timm_state_dict(source, num_heads, masked, **model_kwargs)

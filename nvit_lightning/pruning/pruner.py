@@ -46,10 +46,23 @@ class PruningEvent:
 
 
 @dataclass
-class _Candidates:
-    scores: Tensor  # (n,) penalised group scores
-    layers: list[LayerKey]  # layer of each candidate
-    units: list[Tensor]  # unit indices of each candidate
+class RankedGroups:
+    """Every prunable group, lowest penalised score first. Groups are rows of per-layer chunk tables
+    (no tensor per group: DeiT-B has thousands, and only the few lowest are ever pruned)."""
+
+    scores: Tensor  # (n,) penalised group scores, ascending
+    layer_index: Tensor  # (n,) index into `keys` / `chunks`
+    row: Tensor  # (n,) row of that layer's chunk table
+    keys: list[LayerKey]
+    chunks: list[Tensor]  # per layer: (allowed groups, group_size) unit indices, cheapest first
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def top(self, n: int | None = None) -> list[tuple[LayerKey, Tensor]]:
+        """(layer, unit indices) of the n lowest-scored groups (all by default)."""
+        pairs = zip(self.layer_index[:n].tolist(), self.row[:n].tolist())
+        return [(self.keys[layer], self.chunks[layer][row]) for layer, row in pairs]
 
 
 class GlobalPruner:
@@ -129,11 +142,11 @@ class GlobalPruner:
                     deltas[(kind, i)] = float(lat[0, i] - lat[r, i])
         return deltas
 
-    def rank(self, scores: Mapping[LayerKey, Tensor]) -> _Candidates:
+    def rank(self, scores: Mapping[LayerKey, Tensor]) -> RankedGroups:
         """All prunable groups, lowest penalised score first."""
         dims = self.structure.live_dims()
         deltas = self.latency_deltas(dims) if self.eta > 0 else None
-        all_scores, layers, units = [], [], []
+        keys, chunks, group_scores = [], [], []
         for layer in self.structure:
             live = layer.live()
             allowed = live.numel() // layer.group_size - 1  # never the last group
@@ -143,45 +156,63 @@ class GlobalPruner:
             if not torch.isfinite(importance).all():
                 raise ValueError(f"non-finite importance scores for {layer.key}: check the loss")
             order = torch.sort(importance, stable=True).indices[: allowed * layer.group_size]
-            chunks = order.view(allowed, layer.group_size)  # allowed, g
-            group_scores = importance[chunks].sum(1)
+            table = order.view(allowed, layer.group_size)  # allowed, g
+            penalised = importance[table].sum(1)
             if deltas is not None:
-                group_scores = group_scores - self.eta * deltas[layer.key]
-            all_scores.append(group_scores.cpu())
-            layers.extend([layer.key] * allowed)
-            units.extend(live[chunks].unbind(0))
-        if not all_scores:
-            return _Candidates(torch.empty(0, dtype=torch.float64), [], [])
-        flat = torch.cat(all_scores)
-        order = torch.sort(flat, stable=True).indices.tolist()
-        return _Candidates(flat[order], [layers[i] for i in order], [units[i] for i in order])
+                penalised = penalised - self.eta * deltas[layer.key]
+            keys.append(layer.key)
+            chunks.append(live[table].cpu())
+            group_scores.append(penalised.cpu())
+        if not keys:
+            empty = torch.empty(0, dtype=torch.long)
+            return RankedGroups(torch.empty(0, dtype=torch.float64), empty, empty, [], [])
+        counts = torch.tensor([len(t) for t in chunks])
+        layer_index = torch.repeat_interleave(torch.arange(len(keys)), counts)
+        row = torch.arange(len(layer_index)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        flat = torch.cat(group_scores)
+        order = torch.sort(flat, stable=True).indices
+        return RankedGroups(flat[order], layer_index[order], row[order], keys, chunks)
 
-    def step(self, scores: Mapping[LayerKey, Tensor], max_groups: int | None = None) -> PruningEvent:
-        """Prune up to `max_groups` (default `groups_per_event`) groups, stopping at the next target."""
+    def select(self, scores: Mapping[LayerKey, Tensor], max_groups: int | None = None
+               ) -> tuple[list[tuple[LayerKey, Tensor]], PruningEvent]:
+        """The pruning decision: the lowest-scored groups, up to `max_groups` (default
+        `groups_per_event`), cut after the first one that crosses the next target. Changes nothing."""
         max_groups = max_groups or self.groups_per_event
         dims = self.structure.live_dims()
-        before = after = self.latency(dims)
-        widths = {"emb": dims.emb, **{k: list(getattr(dims, k if k != "head" else "heads"))
-                                      for k in KINDS[1:]}}
-        candidates = self.rank(scores)
-        selected, reached = [], []
-        pruned = dict.fromkeys(KINDS, 0)
-        target = self.next_target
-        for key, units in zip(candidates.layers[:max_groups], candidates.units[:max_groups]):
-            selected.append((key, units))
-            pruned[key[0]] += units.numel()
+        chosen = self.rank(scores).top(max_groups)
+        # exact latency after every prefix of the chosen groups, in one batched latency query
+        widths = torch.tensor([dims.block(i) for i in range(dims.depth)], dtype=torch.float64)  # depth, 5
+        removed = torch.zeros(len(chosen) + 1, dims.depth, 5, dtype=torch.float64)  # prefix 0 = nothing
+        for j, (key, units) in enumerate(chosen, start=1):
             if key == EMB:
-                widths["emb"] -= units.numel()
+                removed[j, :, 0] = units.numel()
             else:
-                widths[key[0]][key[1]] -= units.numel()
-            dims = ViTDims(widths["emb"], widths["head"], widths["qk"], widths["v"], widths["mlp"])
-            after = self.latency(dims)
-            if target is not None and after <= target * self.dense_latency:
-                self.reached.append(target)
-                reached.append(target)
-                break
-        self.structure.prune(selected)
-        event = PruningEvent(self.events, pruned, before, after, after / self.dense_latency, dims, reached)
+                removed[j, key[1], _KIND_COLUMN[key[0]]] = units.numel()
+        prefixes = widths - removed.cumsum(0)  # n+1, depth, 5
+        latency = self.latency_model.block_latency(prefixes.view(-1, 5)).double().view(len(prefixes), -1).sum(1)
+        emb = prefixes[:, 0, 0].long().tolist()
+        base = {e: self.latency_model.base_latency(e) for e in set(emb)}
+        latency = (latency + torch.tensor([base[e] for e in emb], dtype=torch.float64)).tolist()
+
+        target, reached, n = self.next_target, [], len(chosen)
+        if target is not None:
+            crossing = next((j for j in range(1, n + 1) if latency[j] <= target * self.dense_latency), None)
+            if crossing is not None:
+                n, reached = crossing, [target]
+        chosen = chosen[:n]
+        pruned = dict.fromkeys(KINDS, 0)
+        for key, units in chosen:
+            pruned[key[0]] += units.numel()
+        after_dims = _dims_from_rows(prefixes[n]) if n else dims
+        event = PruningEvent(self.events, pruned, latency[0], latency[n], latency[n] / self.dense_latency,
+                             after_dims, reached)
+        return chosen, event
+
+    def step(self, scores: Mapping[LayerKey, Tensor], max_groups: int | None = None) -> PruningEvent:
+        """Decide (`select`) and apply: mask the chosen groups and zero their parameter slices."""
+        chosen, event = self.select(scores, max_groups)
+        self.structure.prune(chosen)
+        self.reached.extend(event.targets_reached)
         self.events += 1
         return event
 
@@ -196,6 +227,12 @@ class GlobalPruner:
         self.dense_latency = float(state["dense_latency"])
         self.reached = [float(t) for t in state["reached"]]
         self.events = int(state["events"])
+
+
+def _dims_from_rows(rows: Tensor) -> ViTDims:
+    """(depth, 5) rows of (emb, heads, qk, v, mlp) back to ViTDims."""
+    cols = rows.long().T.tolist()
+    return ViTDims(cols[0][0], cols[1], cols[2], cols[3], cols[4])
 
 
 def prune_to_targets(pruner: GlobalPruner, criterion: Criterion, calibrate: Callable[[], None],
