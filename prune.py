@@ -13,9 +13,7 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from nvit_lightning.app import (
     build,
@@ -27,35 +25,9 @@ from nvit_lightning.app import (
     setup_environment,
 )
 from nvit_lightning.models import PrunableViT
-from nvit_lightning.module import NViTModule
+from nvit_lightning.oneshot import calibrator, recover
 from nvit_lightning.pruning import build_pruning, prune_to_targets
 from nvit_lightning.report import summary_table, write_report
-
-
-def calibrator(model: PrunableViT, loader, criterion, device: str):
-    """Forward/backward over the calibration batches, feeding the criterion after each backward."""
-
-    def calibrate() -> None:
-        model.to(device).eval()  # no dropout: saliency of the function that is actually pruned
-        for images, labels in tqdm(loader, desc="saliency", leave=False):
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(images.to(device)), labels.to(device)).backward()
-            criterion.accumulate()
-        model.zero_grad(set_to_none=True)
-
-    return calibrate
-
-
-def recover(cfg: DictConfig, student: PrunableViT, teacher: PrunableViT, datamodule) -> PrunableViT:
-    """A short fine-tune of the compact model with KL to the dense one (fresh optimizer)."""
-    d = cfg.distill
-    module = NViTModule(student, optimizer=build(cfg.schedule.finetune_optimizer), kl_weight=d.kl_weight,
-                        temperature=d.temperature, kl_from_start=True, teacher=teacher,
-                        label_smoothing=d.label_smoothing)
-    trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=False,
-                          enable_checkpointing=False)
-    trainer.fit(module, datamodule=datamodule)
-    return module.student
 
 
 def load_train_checkpoint(path: str) -> PrunableViT:
@@ -110,7 +82,11 @@ def prune(cfg: DictConfig) -> dict:
                               on_event)
     compact = model.compact()
     if cfg.recovery_steps > 0:
-        compact = recover(cfg, compact, dense_model, datamodule)
+        d = cfg.distill
+        trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False)
+        compact = recover(compact, dense_model, datamodule, trainer, build(cfg.schedule.finetune_optimizer),
+                          d.kl_weight, d.temperature, d.label_smoothing)
     compact.save_pretrained(out_dir / "model")
     pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
     report = write_report(out_dir / "report.json", dense, pruned, p.target, p.criterion, p.eta, latency_model,

@@ -170,17 +170,24 @@ def test_datamodule_synthetic_batches_and_limits():
     assert not torch.equal(dm.train_set[0][0], dm.val_set[0][0])
 
 
-def test_calib_dataloader_first_batches_eval_transform_deterministic():
+def test_calib_dataloader_fixed_random_subset_eval_transform():
     dm = ViTDataModule(train=synthetic(40), batch_size=4, img_size=32, hflip=1.0)
     first = list(dm.calib_dataloader(2))  # setup() is implicit
     assert len(first) == 2 and all(x.shape == (4, 3, 32, 32) for x, _ in first)
     second = list(dm.calib_dataloader(2))
     for (x1, y1), (x2, y2) in zip(first, second):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    # the eval transform (no random crop, no flip although hflip=1.0); sample 4 opens the second batch
-    expected = SyntheticImages(40, 10, img_size=32, seed=0, transform=dm.eval_tf)[4][0]
-    assert torch.equal(first[1][0][0], expected)
+    # a seeded permutation of the train set, not its first (on a class-sorted folder: few-class) samples
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
+    assert order[:8] != list(range(8))
+    reference = SyntheticImages(40, 10, img_size=32, seed=0, transform=dm.eval_tf)  # no random crop/flip
+    assert torch.equal(first[1][0][0], reference[order[4]][0])
+    # held-out batches continue the same order and never repeat a calibration image
+    held_out = list(dm.calib_dataloader(1, skip_batches=2))
+    assert torch.equal(held_out[0][0][0], reference[order[8]][0])
     assert len(list(dm.calib_dataloader(100))) == 10  # capped by the dataset size
+    with pytest.raises(ValueError, match="skips all"):
+        dm.calib_dataloader(1, skip_batches=10)
 
 
 def test_datamodule_accepts_omegaconf_specs():

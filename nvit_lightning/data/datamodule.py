@@ -215,14 +215,23 @@ class ViTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
 
-    def calib_dataloader(self, num_batches: int, batch_size: int | None = None) -> DataLoader:
-        """The first ``num_batches`` batches of the train set with the eval transform, unshuffled.
+    def calib_dataloader(self, num_batches: int, batch_size: int | None = None,
+                         skip_batches: int = 0) -> DataLoader:
+        """``num_batches`` batches of a fixed random subset of the train set (seeded by ``seed``),
+        with the eval transform: the same images in the same order on every call.
 
-        Used to accumulate pruning saliency: the same images in the same order on every call.
+        Random rather than the first images: a sample sorted by class would otherwise calibrate the
+        saliency on a few classes only. ``skip_batches`` skips that many batches of the same order,
+        e.g. to hold out images that calibration never saw.
         """
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        if num_batches < 1 or skip_batches < 0:
+            raise ValueError(f"need num_batches >= 1 and skip_batches >= 0, got {num_batches}, {skip_batches}")
         batch_size = batch_size or self.batch_size
-        dataset = first_n(with_transform(self._require("train_set"), self.eval_tf), num_batches * batch_size)
+        train_set = self._require("train_set")
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.seed))
+        chosen = order[skip_batches * batch_size:(skip_batches + num_batches) * batch_size].tolist()
+        if not chosen:
+            raise ValueError(f"skip_batches={skip_batches} skips all {len(train_set)} training samples")
+        dataset = Subset(with_transform(train_set, self.eval_tf), chosen)
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=self.pin_memory)
