@@ -69,6 +69,7 @@ def prune(cfg: DictConfig) -> dict:
     dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=False)
 
     loader = datamodule.calib_dataloader(cfg.calib_batches)
+    rescore_loader = datamodule.calib_dataloader(cfg.rescore_batches) if cfg.rescore else loader
     snapshots = {}
 
     def on_event(event) -> None:
@@ -79,7 +80,7 @@ def prune(cfg: DictConfig) -> dict:
             snapshots[target] = str(path)
 
     events = prune_to_targets(pruner, criterion, calibrator(model, loader, criterion, device), cfg.rescore,
-                              on_event)
+                              on_event, recalibrate=calibrator(model, rescore_loader, criterion, device))
     compact = model.compact()
     if cfg.recovery_steps > 0:
         d = cfg.distill
@@ -90,7 +91,7 @@ def prune(cfg: DictConfig) -> dict:
     compact.save_pretrained(out_dir / "model")
     pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
     report = write_report(out_dir / "report.json", dense, pruned, p.target, p.criterion, p.eta, latency_model,
-                          snapshots=snapshots, events=len(events), calib_batches=cfg.calib_batches,
+                          snapshots=snapshots, events=len(events), calib_batches=cfg.calib_batches, rescore=cfg.rescore,
                           recovery_steps=cfg.recovery_steps)
     (out_dir / "pruning_history.json").write_text(json.dumps(
         [{"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}

@@ -191,3 +191,31 @@ def test_kinds_are_all_prunable() -> None:
     pruner = GlobalPruner(structure, _latency(), groups_per_event=10_000, targets=[0.3])
     event = pruner.step(_scores(structure))
     assert set(KINDS) == {k for k, n in event.pruned.items() if n > 0}
+
+
+@pytest.mark.parametrize("rescore", [False, True])
+def test_one_shot_scores_once_or_before_every_event(rescore: bool) -> None:
+    model = _model()
+    structure, criterion, pruner = build_pruning(model, _latency(), "hessian", targets=[0.6],
+                                                 groups_per_event=2, group_sizes=GROUPS)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    calls = []
+
+    def calibration(name: str):
+        def calibrate() -> None:
+            calls.append((name, structure.num_live_units()))
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            criterion.accumulate()
+        return calibrate
+
+    events = prune_to_targets(pruner, criterion, calibration("first"), rescore=rescore,
+                              recalibrate=calibration("again"))
+    assert len(events) > 2 and pruner.done
+    if rescore:  # re-measured on the pruned model before every later event
+        assert [name for name, _ in calls] == ["first"] + ["again"] * (len(events) - 1)
+        live = [n for _, n in calls]
+        assert live == sorted(live, reverse=True) and live[0] > live[-1]
+        assert criterion.intervals == len(events)
+    else:
+        assert [name for name, _ in calls] == ["first"] and criterion.intervals == 1

@@ -236,19 +236,20 @@ def _dims_from_rows(rows: Tensor) -> ViTDims:
 
 
 def prune_to_targets(pruner: GlobalPruner, criterion: Criterion, calibrate: Callable[[], None],
-                     rescore: bool = False, on_event: Callable[[PruningEvent], None] | None = None
-                     ) -> list[PruningEvent]:
+                     rescore: bool = False, on_event: Callable[[PruningEvent], None] | None = None,
+                     recalibrate: Callable[[], None] | None = None) -> list[PruningEvent]:
     """One-/few-shot pruning: score on calibration data (`calibrate` runs forward/backward and
     `criterion.accumulate()`), then prune in events of `groups_per_event` groups until every target
-    is reached; with `rescore`, saliency is re-measured on the pruned model before each event."""
+    is reached. With `rescore`, saliency is re-measured on the pruned model before each later event
+    (by `recalibrate`, e.g. on fewer batches; default `calibrate`) and joins the criterion's EMA."""
     pruner.check_reachable()
     events: list[PruningEvent] = []
-    fresh = False
+    scored = False
     while not pruner.done:
-        if criterion.needs_gradients and (rescore or not fresh):
-            calibrate()
+        if criterion.needs_gradients and (rescore or not scored):
+            (recalibrate or calibrate)() if scored else calibrate()
             criterion.end_interval()
-            fresh = True
+            scored = True
         event = pruner.step(criterion.scores())
         if not any(event.pruned.values()):
             raise UnreachableTargetError(
