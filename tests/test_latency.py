@@ -227,3 +227,21 @@ def test_load_or_profile_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(profiler, "profile_lut", lambda *a, **k: pytest.fail("cached table not reused"))
     cached = profiler.load_or_profile(path, **kwargs)
     torch.testing.assert_close(cached.block_ms, table.block_ms)
+
+
+def test_latency_penalty_with_layers_at_their_last_group() -> None:
+    """η > 0 queries the table for every layer minus one group; a layer already at its last group
+    (v = 8 with groups of 8) must not be queried at width 0, outside the grid."""
+    from nvit_lightning.pruning import GlobalPruner, Structure, prune_to_targets
+    from nvit_lightning.pruning.criteria import RandomCriterion
+
+    model = PrunableViT(ViTDims(64, (2, 3), (32, 16), (8, 64), (256, 768)), img_size=32, patch_size=8,
+                        num_classes=10)
+    structure = Structure(model, {"emb": 16, "head": 1, "qk": 8, "v": 8, "mlp": 16})
+    table = synthetic_table()
+    pruner = GlobalPruner(structure, table, eta=1.0, groups_per_event=4, targets=[0.5])
+    deltas = pruner.latency_deltas(structure.live_dims())
+    assert deltas[("v", 0)] == 0.0  # unprunable: no latency to gain
+    assert deltas[("v", 1)] > 0
+    prune_to_targets(pruner, RandomCriterion(structure), calibrate=lambda: None)
+    assert pruner.done and table.model_latency(structure.live_dims()) <= 0.5 * pruner.dense_latency

@@ -128,7 +128,9 @@ class GlobalPruner:
             else:
                 for i in range(depth):
                     reduced[i, column] -= layers[(kind, i)].group_size
-            rows.append(reduced.clamp(min=1))
+            # a layer down to its last group is never a candidate: query it unreduced (a width of 0
+            # would fall outside a lookup table's grid)
+            rows.append(torch.where(reduced >= 1, reduced, current))
             keys.append(kind)
         lat = self.latency_model.block_latency(torch.cat(rows)).double().view(len(rows), depth)
         deltas: dict[LayerKey, float] = {}
