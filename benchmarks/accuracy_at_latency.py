@@ -5,9 +5,10 @@ short recovery fine-tune with KL distillation to the dense model.
     python benchmarks/accuracy_at_latency.py --out benchmarks/results
 
 Real DeiT-Tiny (conf/prune.yaml: model, data, CPU lookup table at batch 32). Saliency is calibrated
-once per criterion on a fixed random subset of the 1000-image ImageNet sample; the model is pruned
-through the targets in order, with a compact snapshot at each. η for "hessian (tuned η)" is picked on
-held-out sample images (never the validation images) at the 0.7 target. Torch-Pruning prunes the
+on a fixed random subset of the 1000-image ImageNet sample, then the model is pruned through the
+targets in order (a compact snapshot at each), re-scoring saliency on 2 of those batches before every
+event, as `prune.py` does. "hessian (tuned η)" uses the best η > 0 of a grid, judged by one-shot top-1
+on held-out sample images (never the validation images) at the 0.7 target. Torch-Pruning prunes the
 timm model with its ViT recipe (Taylor importance, uniform ratio over embedding, head dims and MLP),
 on the same calibration batches, its ratio bisected until its *measured* speed-up equals that of
 hessian (η = 0) at each target. Every model is converted to the same compact PrunableViT for
@@ -81,16 +82,14 @@ def prune_snapshots(cfg, dense: PrunableViT, latency_model, criterion: str, stat
     return snapshots
 
 
-def eta_scale(cfg, dense: PrunableViT, latency_model, criterion: str, state: dict) -> float:
-    """η at which the penalty of a typical group equals its typical saliency (a scale for the grid)."""
-    _, scorer, pruner = pruning_for(cfg, copy.deepcopy(dense), latency_model, criterion, 1.0, [0.5])
+def eta_scale(cfg, dense: PrunableViT, latency_model, criterion: str, state: dict, quantile: float = 0.1) -> float:
+    """η at which a typical group's latency penalty η·ΔLat equals the saliency of the groups pruning
+    starts with (the `quantile` of group saliencies: they are heavy-tailed, the median is far too big)."""
+    structure, scorer, pruner = pruning_for(cfg, copy.deepcopy(dense), latency_model, criterion, 0.0, [0.5])
     scorer.load_state_dict(state)
-    with_penalty = pruner.rank(scorer.scores())
-    pruner.eta = 0.0
-    without = pruner.rank(scorer.scores())
-    saliency = without.scores.median()
-    penalty = (without.scores.sort().values - with_penalty.scores.sort().values).abs().median()
-    return float(saliency / penalty.clamp(min=1e-12))
+    saliency = pruner.rank(scorer.scores()).scores.quantile(quantile)
+    latency_drop = torch.tensor(list(pruner.latency_deltas(structure.live_dims()).values())).median()
+    return float(saliency / latency_drop)
 
 
 # ---- Torch-Pruning --------------------------------------------------------------------------------
@@ -169,8 +168,8 @@ def main() -> None:
                         help="re-score saliency on this many of the calibration batches before every event "
                              "after the first (0: score once)")
     parser.add_argument("--tune-batches", type=int, default=4, help="held-out sample batches to tune η on")
-    parser.add_argument("--eta-grid", type=float, nargs="+", default=[0.1, 0.3, 1.0],
-                        help="η candidates, in units of the η where penalty ~ saliency")
+    parser.add_argument("--eta-grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
+                        help="η > 0 candidates, in units of the η where the penalty ~ the lowest saliencies")
     parser.add_argument("--recovery-steps", type=int, default=50)
     parser.add_argument("--recovery-lr", type=float, default=1e-4)
     parser.add_argument("--val-batches", type=int, default=None, help="limit (default: all 1300 images)")
@@ -205,6 +204,7 @@ def main() -> None:
     snapshots: dict[str, dict[float, PrunableViT]] = {}
     states: dict[str, dict] = {}
     etas: dict[str, float] = {}
+    eta_tuning: dict[str, dict[float, float]] = {}
     for method in args.methods:
         if method == "torch_pruning":
             continue
@@ -215,13 +215,13 @@ def main() -> None:
         if method == "hessian_tuned":
             scale = eta_scale(cfg, dense, latency_model, criterion, states[criterion])
             tuning = {}
-            for factor in args.eta_grid:
+            for factor in [0.0, *args.eta_grid]:  # η = 0 only as the reference point
                 model = prune_snapshots(cfg, dense, latency_model, criterion, states[criterion],
                                         factor * scale, [0.7], rescore)[0.7]
                 tuning[factor * scale] = evaluate(model, tune, desc="tune η")["top1"]
-            eta = max(tuning, key=lambda e: (tuning[e], -e))
+            eta = max((e for e in tuning if e > 0), key=lambda e: (tuning[e], -e))  # the best η > 0
             print(f"η tuning on {len(tune) * 32} held-out sample images: {tuning} -> {eta:.4g}", flush=True)
-            etas[method] = eta
+            etas[method], eta_tuning[method] = eta, tuning
         snapshots[method] = prune_snapshots(cfg, dense, latency_model, criterion, states[criterion], eta,
                                             args.targets, rescore)
     if "torch_pruning" in args.methods:
@@ -253,6 +253,7 @@ def main() -> None:
               "latency_model": latency_model.describe(), "calib_images": len(calib) * calib[0][1].numel(),
               "val_images": sum(len(y) for _, y in val), "recovery_steps": args.recovery_steps,
               "recovery_lr": args.recovery_lr, "recovery_batch": datamodule.batch_size, "etas": etas,
+              "eta_tuning_top1": {m: {f"{e:.4g}": a for e, a in t.items()} for m, t in eta_tuning.items()},
               "rescore_batches": args.rescore_batches, "groups_per_event": cfg.pruner.groups_per_event,
               "minutes": (time.time() - t_start) / 60, "rows": rows}
     out = Path(args.out)
@@ -283,8 +284,12 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['target']:.1f} | {name} | {o['params_m']:.2f} | {o['gmac']:.3f} | {o['lut_ms']:.0f} | "
             f"{o['measured_ms']:.0f} | {o['measured_speedup']:.2f}x | {o['top1']:.2f} | {o['top5']:.2f} | "
-            f"{r.get('top1', float('nan')):.2f} | {r.get('top5', float('nan')):.2f} |")
+            f"{_pct(r.get('top1'))} | {_pct(r.get('top5'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":
