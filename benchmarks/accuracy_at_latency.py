@@ -125,8 +125,9 @@ def torch_pruning_model(timm_model: torch.nn.Module, ratio: float) -> PrunableVi
 
 def torch_pruning_snapshots(cfg, calib: Batches, speedup_goal: dict[float, float],
                             speedup: Callable[[PrunableViT], tuple[float, float]], steps: int
-                            ) -> dict[float, PrunableViT]:
-    """Per target, bisect Torch-Pruning's ratio until its measured speed-up matches the goal."""
+                            ) -> tuple[dict[float, PrunableViT], dict[float, float]]:
+    """Per target, bisect Torch-Pruning's ratio until its measured speed-up matches the goal;
+    returns the models and the ratios chosen."""
     import timm
 
     from nvit_lightning.models.convert import load_state_dict_file
@@ -135,7 +136,7 @@ def torch_pruning_snapshots(cfg, calib: Batches, speedup_goal: dict[float, float
     timm_model.load_state_dict(load_state_dict_file(cfg.model.checkpoint))
     for images, labels in calib:  # the recipe: gradients summed over the calibration batches
         F.cross_entropy(timm_model(images), labels).backward()
-    snapshots = {}
+    snapshots, ratios = {}, {}
     for target, goal in speedup_goal.items():
         lo, hi = 0.0, 0.9
         for _ in range(steps):
@@ -143,8 +144,8 @@ def torch_pruning_snapshots(cfg, calib: Batches, speedup_goal: dict[float, float
             _, achieved = speedup(torch_pruning_model(timm_model, ratio))
             lo, hi = (ratio, hi) if achieved < goal else (lo, ratio)
         snapshots[target] = torch_pruning_model(timm_model, hi)  # the smallest ratio reaching the goal
-        snapshots[target].ratio = hi
-    return snapshots
+        ratios[target] = hi
+    return snapshots, ratios
 
 
 # ---- one row of the table -------------------------------------------------------------------------
@@ -227,7 +228,8 @@ def main() -> None:
     if "torch_pruning" in args.methods:
         reference = snapshots.get("hessian") or next(iter(snapshots.values()))
         goal = {t: speedup(m)[1] for t, m in reference.items()}
-        snapshots["torch_pruning"] = torch_pruning_snapshots(cfg, calib, goal, speedup, args.bisect_steps)
+        snapshots["torch_pruning"], tp_ratios = torch_pruning_snapshots(cfg, calib, goal, speedup,
+                                                                        args.bisect_steps)
 
     trainer_kwargs = dict(accelerator="cpu", devices=1, max_steps=args.recovery_steps, max_epochs=-1,
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -238,8 +240,8 @@ def main() -> None:
             model = snapshots[method][target]
             row = {"method": method, "target": target, "eta": etas.get(method, 0.0),
                    "one_shot": measure_row(model, latency_model, speedup, val)}
-            if getattr(model, "ratio", None) is not None:
-                row["torch_pruning_ratio"] = model.ratio
+            if method == "torch_pruning":
+                row["torch_pruning_ratio"] = tp_ratios[target]
             if args.recovery_steps > 0:
                 L.seed_everything(cfg.seed, workers=True)  # the same batches for every method
                 student = recover(copy.deepcopy(model).train(), teacher, datamodule, L.Trainer(**trainer_kwargs),

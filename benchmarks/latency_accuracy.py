@@ -15,30 +15,15 @@ Goals (issue #5): LUT error <= 10 %, measured speed-up >= 0.9 x the LUT's predic
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
-from accuracy_at_latency import load_setup, pruning_for
+from accuracy_at_latency import calibrated_state, load_setup, prune_snapshots
 
 from nvit_lightning.app import setup_environment
 from nvit_lightning.evaluation import measure_latency
-from nvit_lightning.oneshot import calibrator
-from nvit_lightning.pruning import FlopsLatency, prune_to_targets
-
-
-def compact_snapshots(cfg, dense, latency_model, calib, targets: list[float]) -> dict:
-    model = copy.deepcopy(dense)
-    _, scorer, pruner = pruning_for(cfg, model, latency_model, "hessian", 0.0, targets)
-    snapshots = {}
-
-    def on_event(event) -> None:
-        for target in event.targets_reached:
-            snapshots[target] = model.compact().eval()
-
-    prune_to_targets(pruner, scorer, calibrator(model, calib, scorer), on_event=on_event)
-    return snapshots
+from nvit_lightning.pruning import FlopsLatency
 
 
 def rows_for_batch(batch: int, args: argparse.Namespace) -> list[dict]:
@@ -50,12 +35,13 @@ def rows_for_batch(batch: int, args: argparse.Namespace) -> list[dict]:
     def measure(model) -> float:
         return measure_latency(model, batch, num_threads=threads, repeats=args.repeats, rounds=args.rounds)
 
-    dense = dense.compact().eval()  # timed as what it is: a dense model without mask multiplies
+    masked, dense = dense, dense.compact().eval()  # dense is timed without mask multiplies
     dense_dims = dense.live_dims()
     lut_dense, flops_dense = table.model_latency(dense_dims), flops.model_latency(dense_dims)
     rows = []
-    for target, model in [(1.0, dense), *compact_snapshots(cfg, dense.with_masks(), table, calib,
-                                                           args.targets).items()]:
+    state = calibrated_state(cfg, masked, table, "hessian", calib)
+    snapshots = prune_snapshots(cfg, masked, table, "hessian", state, 0.0, args.targets, rescore_batches=[])
+    for target, model in [(1.0, dense), *snapshots.items()]:
         dims = model.live_dims()
         dense_ms = measure(dense)  # side by side: the machine's speed drifts over a run
         measured = dense_ms if model is dense else measure(model)

@@ -36,6 +36,17 @@ def _as_rows(block_dims: Tensor | list | tuple) -> Tensor:
     return rows
 
 
+def block_rows(dims: ViTDims) -> Tensor:
+    """(depth, 5) float64 rows of (emb, heads, qk, v, mlp): the latency models' view of `dims`."""
+    return torch.tensor([dims.block(i) for i in range(dims.depth)], dtype=torch.float64)
+
+
+def dims_from_block_rows(rows: Tensor) -> ViTDims:
+    """The inverse of `block_rows`."""
+    cols = rows.long().T.tolist()
+    return ViTDims(cols[0][0], cols[1], cols[2], cols[3], cols[4])
+
+
 def _out_dtype(rows: Tensor) -> torch.dtype:
     return rows.dtype if rows.is_floating_point() else torch.float64
 
@@ -52,8 +63,7 @@ class LatencyModel(ABC):
         """ms of everything but the blocks (patch embed, tokens, final norm, head) at this emb."""
 
     def model_latency(self, dims: ViTDims) -> float:
-        rows = torch.tensor([dims.block(i) for i in range(dims.depth)], dtype=torch.float64)
-        return float(self.block_latency(rows).sum()) + self.base_latency(dims.emb)
+        return float(self.block_latency(block_rows(dims)).sum()) + self.base_latency(dims.emb)
 
     @abstractmethod
     def describe(self) -> str:

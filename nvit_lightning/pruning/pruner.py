@@ -20,7 +20,7 @@ from torch import Tensor
 from ..models import EMB, KINDS, LayerKey, ViTDims
 from .criteria import Criterion, build_criterion
 from .groups import Structure
-from .latency import LatencyModel
+from .latency import LatencyModel, block_rows, dims_from_block_rows
 
 _KIND_COLUMN = {"emb": 0, "head": 1, "qk": 2, "v": 3, "mlp": 4}  # columns of a latency-model row
 
@@ -55,9 +55,6 @@ class RankedGroups:
     row: Tensor  # (n,) row of that layer's chunk table
     keys: list[LayerKey]
     chunks: list[Tensor]  # per layer: (allowed groups, group_size) unit indices, cheapest first
-
-    def __len__(self) -> int:
-        return len(self.scores)
 
     def top(self, n: int | None = None) -> list[tuple[LayerKey, Tensor]]:
         """(layer, unit indices) of the n lowest-scored groups (all by default)."""
@@ -119,7 +116,7 @@ class GlobalPruner:
     def latency_deltas(self, dims: ViTDims) -> dict[LayerKey, float]:
         """Lat(W) − Lat(W without one group) for every layer, from one batched latency query."""
         depth, layers = dims.depth, self.structure.layers
-        current = torch.tensor([dims.block(i) for i in range(depth)], dtype=torch.float64)
+        current = block_rows(dims)
         rows, keys = [current], []
         for kind, column in _KIND_COLUMN.items():
             reduced = current.clone()
@@ -183,7 +180,7 @@ class GlobalPruner:
         dims = self.structure.live_dims()
         chosen = self.rank(scores).top(max_groups)
         # exact latency after every prefix of the chosen groups, in one batched latency query
-        widths = torch.tensor([dims.block(i) for i in range(dims.depth)], dtype=torch.float64)  # depth, 5
+        widths = block_rows(dims)  # depth, 5
         removed = torch.zeros(len(chosen) + 1, dims.depth, 5, dtype=torch.float64)  # prefix 0 = nothing
         for j, (key, units) in enumerate(chosen, start=1):
             if key == EMB:
@@ -205,7 +202,7 @@ class GlobalPruner:
         pruned = dict.fromkeys(KINDS, 0)
         for key, units in chosen:
             pruned[key[0]] += units.numel()
-        after_dims = _dims_from_rows(prefixes[n]) if n else dims
+        after_dims = dims_from_block_rows(prefixes[n]) if n else dims
         event = PruningEvent(self.events, pruned, latency[0], latency[n], latency[n] / self.dense_latency,
                              after_dims, reached)
         return chosen, event
@@ -229,12 +226,6 @@ class GlobalPruner:
         self.dense_latency = float(state["dense_latency"])
         self.reached = [float(t) for t in state["reached"]]
         self.events = int(state["events"])
-
-
-def _dims_from_rows(rows: Tensor) -> ViTDims:
-    """(depth, 5) rows of (emb, heads, qk, v, mlp) back to ViTDims."""
-    cols = rows.long().T.tolist()
-    return ViTDims(cols[0][0], cols[1], cols[2], cols[3], cols[4])
 
 
 def prune_to_targets(pruner: GlobalPruner, criterion: Criterion, calibrate: Callable[[], None],
