@@ -68,7 +68,8 @@ class Attention(nn.Module):
             self.register_buffer("qk_mask", torch.ones(qk_dim))
             self.register_buffer("v_mask", torch.ones(v_dim))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def attend(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """The heads' outputs, concatenated: the input of `proj` (B, N, heads * v)."""
         B, N, _ = x.shape
         q = self.q(x).view(B, N, self.num_heads, self.qk_dim).transpose(1, 2)  # B, H, N, qk
         k = self.k(x).view(B, N, self.num_heads, self.qk_dim).transpose(1, 2)  # B, H, N, qk
@@ -81,8 +82,10 @@ class Attention(nn.Module):
         )  # B, H, N, v
         if self.masked:
             x = x * self.head_mask[:, None, None]
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self.proj_drop(self.proj(self.attend(x, attn_mask, is_causal)))
 
 
 class Mlp(nn.Module):
@@ -96,11 +99,13 @@ class Mlp(nn.Module):
         if masked:
             self.register_buffer("mask", torch.ones(hidden))
 
+    def hidden(self, x: Tensor) -> Tensor:
+        """The activations of the hidden neurons: the input of `fc2` (B, N, hidden)."""
+        x = self.act(self.fc1(x))
+        return x * self.mask if self.masked else x
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.fc1(x))  # B, N, hidden
-        if self.masked:
-            x = x * self.mask
-        return self.fc2(self.drop(x))
+        return self.fc2(self.drop(self.hidden(x)))
 
 
 class Block(nn.Module):
@@ -184,14 +189,18 @@ class PrunableViT(nn.Module):
     def emb_mask_or_none(self) -> Tensor | None:
         return self.emb_mask if self.masked else None
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        emb_mask = self.emb_mask_or_none
+    def embed(self, x: Tensor) -> Tensor:
+        """Images -> the residual stream entering the first block (B, prefix + patches, e)."""
         x = self.patch_embed(x)  # B, N, e
         prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
         x = torch.cat([*prefix, x], dim=1) + self.pos_embed  # B, prefix + N, e
-        x = _apply_emb_mask(self.pos_drop(x), emb_mask)
+        return _apply_emb_mask(self.pos_drop(x), self.emb_mask_or_none)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        emb_mask = self.emb_mask_or_none
+        x = self.embed(x)
         for block in self.blocks:
             x = block(x, emb_mask)
         return self.norm(x, emb_mask)

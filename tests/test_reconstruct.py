@@ -1,0 +1,133 @@
+"""Least-squares reconstruction after pruning: it lowers the error, is exact where the removed units
+are linear combinations of kept ones, and leaves a model that still compacts exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nvit_lightning.models import PrunableViT
+from nvit_lightning.pruning import Structure
+from nvit_lightning.pruning.reconstruct import Reconstruction, reconstruct
+
+from .conftest import random_masks, tiny_vit
+
+
+def _images(n: int = 4, batch: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(n)]
+
+
+def _pruned(model: PrunableViT, seed: int = 0) -> PrunableViT:
+    """A copy with random masks on heads, V dims and MLP neurons (EMB and QK kept), slices zeroed."""
+    pruned = copy.deepcopy(model)
+    random_masks(pruned, seed=seed, keep=0.6)
+    with torch.no_grad():
+        pruned.emb_mask.fill_(1)
+        for block in pruned.blocks:
+            block.attn.qk_mask.fill_(1)
+    Structure(pruned, group_sizes=dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1)).zero_pruned()
+    return pruned
+
+
+def _block_outputs(model: PrunableViT, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The residual stream after every block, over all images."""
+    outs: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    with torch.no_grad():
+        for x in images:
+            x = model.embed(x)
+            for i, block in enumerate(model.blocks):
+                x = block(x, model.emb_mask_or_none)
+                outs[i].append(x)
+    return [torch.cat(o) for o in outs]
+
+
+@pytest.mark.parametrize("target", ["reference", "local"])
+def test_refit_lowers_every_blocks_output_error(target: str) -> None:
+    dense = tiny_vit()
+    pruned = _pruned(dense)
+    images = _images()
+    reference_out = _block_outputs(dense, images)
+    before = [(p - r).square().sum() for p, r in zip(_block_outputs(pruned, images), reference_out)]
+    results = reconstruct(pruned, dense, images, target=target, progress=False)
+    after = [(p - r).square().sum() for p, r in zip(_block_outputs(pruned, images), reference_out)]
+    assert [r.layer for r in results] == [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.proj", "mlp.fc2")]
+    assert all(r.error_after <= r.error_before for r in results)
+    for b, a in zip(before, after):
+        assert a < 0.9 * b  # every block's output is strictly closer to the dense one
+
+
+def test_refit_is_exact_when_removed_units_are_combinations_of_kept_ones() -> None:
+    """MLP neuron 5 duplicates neuron 3 and V dim 2 of block 0 duplicates V dim 0: after removing the
+    duplicates, the refit of fc2 / proj reproduces the dense model exactly."""
+    dense = tiny_vit()
+    with torch.no_grad():
+        block = dense.blocks[0]
+        block.mlp.fc1.weight[5] = block.mlp.fc1.weight[3]
+        block.mlp.fc1.bias[5] = block.mlp.fc1.bias[3]
+        a = block.attn
+        v = a.v.weight.view(a.num_heads, a.v_dim, -1)
+        v[:, 2] = v[:, 0]
+        a.v.bias.view(a.num_heads, a.v_dim)[:, 2] = a.v.bias.view(a.num_heads, a.v_dim)[:, 0]
+    pruned = copy.deepcopy(dense)
+    structure = Structure(pruned, group_sizes=dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1))
+    structure.prune([(("mlp", 0), torch.tensor([5])), (("v", 0), torch.tensor([2]))])
+    images = _images()
+    x = torch.cat(images)
+    with torch.no_grad():
+        assert (pruned(x) - dense(x)).abs().max() > 1e-3  # plain pruning changes the function
+    reconstruct(pruned, dense, images, damping=1e-9, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), dense(x), atol=2e-4, rtol=1e-4)
+
+
+def test_reconstructed_model_compacts_exactly() -> None:
+    dense = tiny_vit()
+    pruned = _pruned(dense, seed=3)
+    reconstruct(pruned, dense, _images(), progress=False)
+    assert sum(int((m == 0).sum()) for m in pruned.masks().values()) > 10
+    # pruned slices stay zero: the refit revives nothing
+    structure = Structure(pruned, group_sizes=dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1))
+    for spec in structure.param_axes:
+        viewed = pruned.get_parameter(spec.name).detach().view(spec.view)
+        for key, axis in spec.axes.items():
+            dead = (structure.layers[key].mask == 0).nonzero().flatten()
+            assert viewed.index_select(axis, dead).abs().sum() == 0, (spec.name, key)
+    compact = pruned.compact()
+    x = torch.cat(_images(1, seed=7))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), pruned(x), atol=1e-5, rtol=1e-5)
+
+
+def test_input_side_refit_recovers_pruned_emb_channels() -> None:
+    """With EMB channels pruned, refitting q/k/v and fc1 as well brings the model closer than
+    refitting the output side alone."""
+    dense = tiny_vit()
+    pruned = copy.deepcopy(dense)
+    structure = Structure(pruned, group_sizes=dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1))
+    structure.prune([(("emb", -1), torch.arange(0, 48, 6))])
+    images, x = _images(), torch.cat(_images(2, seed=9))
+
+    def error(model: PrunableViT) -> float:
+        with torch.no_grad():
+            return float((model(x) - dense(x)).square().mean())
+
+    output_side, both_sides = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    reconstruct(output_side, dense, images, layers=("proj", "fc2"), progress=False)
+    reconstruct(both_sides, dense, images, layers=("qkv", "proj", "fc1", "fc2"), progress=False)
+    assert error(both_sides) < error(output_side) < error(pruned)
+
+
+def test_reconstruction_config_checks_values() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        Reconstruction(layers=("fc3",))
+    with pytest.raises(ValueError, match="target"):
+        Reconstruction(target="global")
+    with pytest.raises(ValueError, match="damping"):
+        Reconstruction(damping=0)
+    with pytest.raises(ValueError, match="batches"):
+        Reconstruction(batches=0)
+    with pytest.raises(ValueError, match="masked"):
+        reconstruct(tiny_vit().compact(), tiny_vit(), _images(1))
