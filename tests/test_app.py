@@ -164,7 +164,7 @@ def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:
     (["pruner.target=0"], "strictly between 0 and 1"),
     (["pruner.target=1.5"], "strictly between 0 and 1"),
     (["pruner.eta=-1"], "pruner.eta must be >= 0"),
-    (["pruner.criterion=fisher"], "unknown pruning criterion 'fisher'"),
+    (["pruner.criterion=obs"], "unknown pruning criterion 'obs'"),
     (["pruner.group_sizes.mlp=48"], "does not divide"),
     (["pruner.target=0.001"], "unreachable"),
     (["data=imagenet_sample", "paths.data_dir=/nonexistent"], "/nonexistent/imagenet_sample_1000"),

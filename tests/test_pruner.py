@@ -219,3 +219,103 @@ def test_one_shot_scores_once_or_before_every_event(rescore: bool) -> None:
         assert criterion.intervals == len(events)
     else:
         assert [name for name, _ in calls] == ["first"] and criterion.intervals == 1
+
+
+def test_per_latency_ranking_is_saliency_per_ms_saved() -> None:
+    structure = Structure(_model(), GROUPS)
+    scores = _scores(structure, seed=3)
+    pruner = GlobalPruner(structure, _latency(), ranking="per_latency")
+    deltas = pruner.latency_deltas(structure.live_dims())
+    expected = []
+    for layer in structure:
+        s = scores[layer.key].sort().values
+        for c in range(layer.size // layer.group_size - 1):
+            group = float(s[c * layer.group_size:(c + 1) * layer.group_size].sum())
+            expected.append((group / deltas[layer.key], layer.key))
+    expected.sort(key=lambda t: t[0])
+    ranked = pruner.rank(scores)
+    assert [key for key, _ in ranked.top(15)] == [key for _, key in expected[:15]]
+    torch.testing.assert_close(ranked.scores[:15], torch.tensor([s for s, _ in expected[:15]],
+                                                                dtype=torch.float64))
+
+
+def test_per_latency_ranking_never_offers_groups_that_save_nothing() -> None:
+    """A latency model under which MLP neurons cost nothing: their groups are never candidates."""
+
+    class NoMlpCost(FlopsLatency):
+        def block_latency(self, block_dims: torch.Tensor) -> torch.Tensor:
+            rows = torch.as_tensor(block_dims, dtype=torch.float64).clone()
+            rows[:, 4] = 64
+            return super().block_latency(rows)
+
+    structure = Structure(_model(), GROUPS)
+    ranked = GlobalPruner(structure, NoMlpCost(tokens=17, num_classes=10, patch_size=8),
+                          ranking="per_latency").rank(_scores(structure))
+    kinds = {key[0] for key, _ in ranked.top()}
+    assert "mlp" not in kinds and {"head", "emb"} <= kinds
+
+
+@pytest.mark.parametrize("ranking", ["penalty", "per_latency"])
+def test_latency_step_meets_budget_and_keeps_a_group_of_every_layer(ranking: str) -> None:
+    model = _model()
+    structure, criterion, pruner = build_pruning(model, _latency(), "random", targets=[0.7, 0.3],
+                                                 groups_per_event=10_000, group_sizes=GROUPS, ranking=ranking,
+                                                 latency_step=0.1)
+    events = prune_to_targets(pruner, criterion, calibrate=lambda: None)
+    assert pruner.latency_ratio() <= 0.3
+    for before, event in zip([1.0, *[e.ratio_after for e in events]], events):
+        drop = before - event.ratio_after
+        # an event stops at its step (one group may overshoot it) or at a target crossing
+        assert drop > 0 and (drop < 0.1 + 0.08 or event.targets_reached)
+    assert len(events) >= 5  # 0.7 of the latency removed in steps of ~0.1 (+ one group)
+    for layer in structure:
+        assert int(layer.mask.count_nonzero()) >= layer.group_size
+
+
+def test_relative_eta_is_unit_free() -> None:
+    """η is relative to the saliency scale: scaling every saliency (or every latency) by a constant
+    leaves the ranking unchanged."""
+    structure = Structure(_model(), GROUPS)
+    scores = _scores(structure, seed=5)
+
+    class Scaled(FlopsLatency):
+        def block_latency(self, block_dims: torch.Tensor) -> torch.Tensor:
+            return 1000 * super().block_latency(block_dims)
+
+        def base_latency(self, emb: int) -> float:
+            return 1000 * super().base_latency(emb)
+
+    def order(latency, factor: float) -> list:
+        pruner = GlobalPruner(structure, latency, eta=0.5, ranking="penalty")
+        return [k for k, _ in pruner.rank({k: factor * v for k, v in scores.items()}).top(25)]
+
+    reference = order(_latency(), 1.0)
+    assert order(_latency(), 1e-6) == reference
+    assert order(Scaled(tokens=17, num_classes=10, patch_size=8), 1.0) == reference
+    assert order(_latency(), 1.0) != [k for k, _ in GlobalPruner(structure, _latency()).rank(scores).top(25)]
+
+
+def test_bad_ranking_and_step_are_refused() -> None:
+    structure = Structure(_model(), GROUPS)
+    with pytest.raises(ValueError, match="ranking"):
+        GlobalPruner(structure, _latency(), ranking="knapsack")
+    with pytest.raises(ValueError, match="latency_step"):
+        GlobalPruner(structure, _latency(), latency_step=1.5)
+
+
+def test_kinds_limit_what_competes_and_the_reachable_floor() -> None:
+    model = _model()
+    structure, criterion, pruner = build_pruning(model, _latency(), "random", targets=[0.6], groups_per_event=4,
+                                                 group_sizes=GROUPS, kinds=["head", "mlp"])
+    dense = structure.live_dims()
+    prune_to_targets(pruner, criterion, calibrate=lambda: None)
+    dims = structure.live_dims()
+    assert (dims.emb, dims.qk, dims.v) == (dense.emb, dense.qk, dense.v)  # untouched kinds keep their width
+    assert dims.heads != dense.heads and dims.mlp != dense.mlp
+    only_mlp = GlobalPruner(Structure(_model(), GROUPS), _latency(), kinds=["mlp"])
+    everything = GlobalPruner(Structure(_model(), GROUPS), _latency())
+    assert only_mlp.min_latency_ratio() > everything.min_latency_ratio()
+    with pytest.raises(UnreachableTargetError):
+        GlobalPruner(Structure(_model(), GROUPS), _latency(), kinds=["mlp"], targets=[0.05]).check_reachable()
+    with pytest.raises(ValueError, match="kinds"):
+        GlobalPruner(Structure(_model(), GROUPS), _latency(), kinds=["mlp", "layers"])

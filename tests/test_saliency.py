@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from nvit_lightning.models import EMB
+from nvit_lightning.models import EMB, KINDS
 from nvit_lightning.pruning.criteria import (
     DEFAULT_DIVISORS,
+    FisherCriterion,
     HessianCriterion,
     MagnitudeCriterion,
     RandomCriterion,
@@ -209,8 +212,9 @@ def test_build_criterion_by_name() -> None:
     structure = Structure(tiny_vit(), {"head": 1})
     assert isinstance(build_criterion("hessian", structure, ema_beta=0.5, seed=1), HessianCriterion)
     assert isinstance(build_criterion("random", structure, seed=1, ema_beta=0.5), RandomCriterion)
-    with pytest.raises(ValueError, match="unknown pruning criterion 'fisher'"):
-        build_criterion("fisher", structure)
+    assert isinstance(build_criterion("fisher", structure, ema_beta=0.5, seed=1), FisherCriterion)
+    with pytest.raises(ValueError, match="unknown pruning criterion 'obs'"):
+        build_criterion("obs", structure)
 
 
 def test_scores_before_any_interval_is_an_error() -> None:
@@ -223,3 +227,74 @@ def test_group_size_must_divide_units() -> None:
         Structure(tiny_vit(), {"head": 2})  # block 0 has 3 heads
     with pytest.raises(ValueError, match="masked PrunableViT"):
         Structure(tiny_vit().compact())
+
+
+def _per_image_loss_derivative(model, images, labels, n: int, scale_params) -> float:
+    """d L_n / d g by central differences, with g scaling the unit's output-side parameters."""
+    eps = 1e-3
+    losses = []
+    for g in (1 + eps, 1 - eps):
+        trial = copy.deepcopy(model)
+        with torch.no_grad():
+            scale_params(trial, g)
+            losses.append(F.cross_entropy(trial(images[n:n + 1]), labels[n:n + 1]).item())
+    return (losses[0] - losses[1]) / (2 * eps)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "head", "v", "qk", "emb"])
+def test_fisher_gates_give_every_images_own_derivative(kind: str) -> None:
+    model = tiny_vit().double()
+    structure = Structure(model, dict.fromkeys(KINDS, 1))
+    criterion = FisherCriterion(structure)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([1, 4, 7])
+    F.cross_entropy(model(images), labels).backward()
+    derivatives = criterion.gate_derivatives()
+    block, unit = 1, 1
+    a = model.blocks[block].attn
+
+    def scale(trial, g: float) -> None:
+        b, ta = trial.blocks[block], trial.blocks[block].attn
+        if kind == "mlp":
+            b.mlp.fc2.weight[:, unit] *= g
+        elif kind == "head":
+            ta.proj.weight.view(-1, a.num_heads, a.v_dim)[:, unit] *= g
+        elif kind == "v":
+            ta.proj.weight.view(-1, a.num_heads, a.v_dim)[:, :, unit] *= g
+        elif kind == "qk":
+            ta.q.weight.view(a.num_heads, a.qk_dim, -1)[:, unit] *= g
+            ta.q.bias.view(a.num_heads, a.qk_dim)[:, unit] *= g
+        else:  # every write into the residual stream, channel `unit`
+            for p in (trial.patch_embed.proj.weight, trial.patch_embed.proj.bias):
+                p[unit] *= g
+            trial.cls_token[..., unit] *= g
+            trial.pos_embed[..., unit] *= g
+            for tb in trial.blocks:
+                for layer in (tb.attn.proj, tb.mlp.fc2):
+                    layer.weight[unit] *= g
+                    layer.bias[unit] *= g
+
+    key = EMB if kind == "emb" else (kind, block)
+    for n in range(3):
+        expected = _per_image_loss_derivative(model, images, labels, n, scale)
+        assert derivatives[key][n, unit].item() == pytest.approx(expected, rel=1e-4, abs=1e-8)
+
+
+def test_fisher_scores_mean_squared_per_image_derivatives_and_no_gates_in_eval() -> None:
+    model = tiny_vit()
+    structure = Structure(model, dict.fromkeys(KINDS, 1))
+    criterion = FisherCriterion(structure, ema_beta=0.0)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        model(images)
+    assert criterion.gates == {}  # evaluation adds nothing
+    F.cross_entropy(model(images), labels).backward()
+    expected = {k: v.square().mean(0) for k, v in criterion.gate_derivatives().items()}
+    model.zero_grad()
+    F.cross_entropy(model(images), labels).backward()
+    criterion.accumulate()
+    criterion.end_interval()
+    scores = criterion.scores()
+    for key, value in expected.items():
+        torch.testing.assert_close(scores[key], value)
+    assert criterion.divisors == dict.fromkeys(KINDS, 1.0)

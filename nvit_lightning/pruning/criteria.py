@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..models import LayerKey
+from ..models import EMB, LayerKey
 from .groups import Structure
 
 # NViT's per-kind divisors: s_u is divided by c_kind before squaring, making kinds comparable
@@ -132,6 +132,86 @@ class TaylorCriterion(GradientCriterion):
         return s.abs()
 
 
+class FisherCriterion(GradientCriterion):
+    """Per-sample Fisher of output gates: i_u = mean over images of (∂L_n/∂g_u)², g_u a gate on the
+    unit's output (1 = kept, 0 = removed), so ½·i_u estimates the loss increase of removing u.
+
+    The gates are multiplied in by forward hooks, one per image, so one backward gives every image's
+    derivative: hundreds of samples per calibration pass instead of one squared batch mean per step
+    (NViT's estimate, which at a converged model is dominated by noise). Units of every kind are in
+    the loss's own units, so no per-kind divisors are needed (they default to 1). Gates: MLP neurons
+    on fc2's input, heads and V dims on proj's input, QK dims on the queries, EMB channels on the
+    residual stream (after the embedding and on every sublayer's output, one shared gate).
+    """
+
+    name = "fisher"
+
+    def __init__(self, structure: Structure, divisors: Mapping[str, float] | None = None,
+                 ema_beta: float = 0.9) -> None:
+        super().__init__(structure, {k: 1.0 for k in DEFAULT_DIVISORS} | dict(divisors or {}), ema_beta)
+        self.gates: dict[LayerKey, list[Tensor]] = {}
+        self.handles = self._add_gate_hooks(structure.model)
+
+    def step_score(self, s: Tensor) -> Tensor:  # (images, units) per-image derivatives
+        return s.square().mean(0)
+
+    def _add_gate_hooks(self, model) -> list:
+        """Forward hooks multiplying a per-image gate of ones into each unit's output."""
+
+        def gated(key: LayerKey, split: tuple[int, int] | None, axis: int, pre: bool):
+            # split: the (heads, dims) layout of a flat last axis; axis: which of them the gate indexes
+            def hook(module, args, output=None):
+                x = args[0] if pre else output
+                if not torch.is_grad_enabled():
+                    return None  # evaluation: no gates
+                units = x.shape[-1] if split is None else split[axis]
+                gate = torch.ones(x.shape[0], units, dtype=x.dtype, device=x.device, requires_grad=True)
+                self.gates.setdefault(key, []).append(gate)
+                if split is None:
+                    y = x * gate[:, None, :]  # B, N, units
+                else:
+                    shape = [x.shape[0], 1, 1, 1]
+                    shape[2 + axis] = units
+                    y = (x.unflatten(-1, split) * gate.view(shape)).flatten(-2)  # B, N, heads * dims
+                return (y, *args[1:]) if pre else y
+            return hook
+
+        handles = []
+        for i, block in enumerate(model.blocks):
+            a = block.attn
+            handles += [
+                block.mlp.fc2.register_forward_pre_hook(gated(("mlp", i), None, 0, pre=True)),
+                a.proj.register_forward_pre_hook(gated(("head", i), (a.num_heads, a.v_dim), 0, pre=True)),
+                a.proj.register_forward_pre_hook(gated(("v", i), (a.num_heads, a.v_dim), 1, pre=True)),
+                a.q.register_forward_hook(gated(("qk", i), (a.num_heads, a.qk_dim), 1, pre=False)),
+            ]
+        # one EMB gate per channel, shared by every write into the residual stream
+        for module in [model.pos_drop, *(m for b in model.blocks for m in (b.attn, b.mlp))]:
+            handles.append(module.register_forward_hook(gated(EMB, None, 0, pre=False)))
+        return handles
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def gate_derivatives(self) -> dict[LayerKey, Tensor]:
+        """Per-image ∂L/∂g (images, units), times the batch size (the loss is a batch mean)."""
+        out = {}
+        for key, gates in self.gates.items():
+            grads = [g.grad for g in gates if g.grad is not None]
+            if grads:
+                stacked = torch.stack(grads).sum(0)  # a shared gate (EMB) was used several times
+                out[key] = stacked * stacked.shape[0]
+        self.gates = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for key in sorted(out):  # every rank: the images of all ranks
+                parts = [torch.empty_like(out[key]) for _ in range(torch.distributed.get_world_size())]
+                torch.distributed.all_gather(parts, out[key].contiguous())
+                out[key] = torch.cat(parts)
+        return out
+
+
 class MagnitudeCriterion(Criterion):
     """RMS of the unit's weights (L2 norm over sqrt(#weights), so kinds of different slice sizes
     compete fairly in one global ranking)."""
@@ -170,7 +250,8 @@ class RandomCriterion(Criterion):
         self.calls = int(state["calls"])
 
 
-CRITERIA = {c.name: c for c in (HessianCriterion, TaylorCriterion, MagnitudeCriterion, RandomCriterion)}
+CRITERIA = {c.name: c for c in (HessianCriterion, FisherCriterion, TaylorCriterion, MagnitudeCriterion,
+                                RandomCriterion)}
 
 
 def build_criterion(name: str, structure: Structure, **kwargs: object) -> Criterion:

@@ -25,6 +25,12 @@ from .latency import LatencyModel, block_rows, dims_from_block_rows
 _KIND_COLUMN = {"emb": 0, "head": 1, "qk": 2, "v": 3, "mlp": 4}  # columns of a latency-model row
 
 
+# how groups are ordered: "penalty" = NViT's saliency − η·ΔLat (η dimensionless: relative to the mean
+# group saliency per mean group latency saving, so one η means the same on every model and device);
+# "per_latency" = saliency per ms of predicted latency saved (groups that save none are never pruned)
+RANKINGS = ("penalty", "per_latency")
+
+
 class UnreachableTargetError(ValueError):
     """The latency target is below what the group-size constraints allow."""
 
@@ -65,9 +71,20 @@ class RankedGroups:
 class GlobalPruner:
     def __init__(self, structure: Structure, latency_model: LatencyModel, eta: float = 0.0,
                  groups_per_event: int = 8, targets: Sequence[float] = (0.7,),
-                 dense_latency: float | None = None) -> None:
+                 dense_latency: float | None = None, ranking: str = "penalty",
+                 latency_step: float | None = None, kinds: Sequence[str] = KINDS) -> None:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if ranking not in RANKINGS:
+            raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
+        if latency_step is not None and not 0.0 < latency_step < 1.0:
+            raise ValueError(f"latency_step must lie strictly between 0 and 1 (a fraction of the dense "
+                             f"latency per event), got {latency_step}")
+        self.ranking, self.latency_step = ranking, latency_step
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"pruner.kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+        self.kinds = tuple(k for k in KINDS if k in kinds)
         if groups_per_event < 1:
             raise ValueError(f"groups_per_event must be >= 1, got {groups_per_event}")
         targets = [float(t) for t in targets]
@@ -100,9 +117,13 @@ class GlobalPruner:
         """Latency ratio of the smallest architecture the constraints allow (one group per layer)."""
         layers = self.structure.layers
         dims = self.structure.live_dims()
-        g = {kind: layers[(kind, 0)].group_size for kind in KINDS[1:]}
-        smallest = ViTDims(layers[EMB].group_size, [g["head"]] * dims.depth, [g["qk"]] * dims.depth,
-                           [g["v"]] * dims.depth, [g["mlp"]] * dims.depth)
+
+        def floor(kind: str, widths: tuple[int, ...]) -> list[int]:
+            return [layers[(kind, 0)].group_size] * dims.depth if kind in self.kinds else list(widths)
+
+        emb = layers[EMB].group_size if EMB[0] in self.kinds else dims.emb
+        smallest = ViTDims(emb, floor("head", dims.heads), floor("qk", dims.qk), floor("v", dims.v),
+                           floor("mlp", dims.mlp))
         return self.latency(smallest) / self.dense_latency
 
     def check_reachable(self) -> None:
@@ -133,8 +154,9 @@ class GlobalPruner:
         deltas: dict[LayerKey, float] = {}
         for r, kind in enumerate(keys, start=1):
             if kind == "emb":
+                reduced_emb = dims.emb - layers[EMB].group_size
                 base = self.latency_model.base_latency(dims.emb) - self.latency_model.base_latency(
-                    max(1, dims.emb - layers[EMB].group_size))
+                    reduced_emb if reduced_emb >= 1 else dims.emb)
                 deltas[EMB] = float((lat[0] - lat[r]).sum()) + base
             else:
                 for i in range(depth):
@@ -142,11 +164,14 @@ class GlobalPruner:
         return deltas
 
     def rank(self, scores: Mapping[LayerKey, Tensor]) -> RankedGroups:
-        """All prunable groups, lowest penalised score first."""
+        """All prunable groups, lowest score first (see `RANKINGS`)."""
         dims = self.structure.live_dims()
-        deltas = self.latency_deltas(dims) if self.eta > 0 else None
-        keys, chunks, group_scores = [], [], []
+        per_latency = self.ranking == "per_latency"
+        deltas = self.latency_deltas(dims) if self.eta > 0 or per_latency else None
+        keys, chunks, group_saliency = [], [], []
         for layer in self.structure:
+            if layer.kind not in self.kinds:
+                continue
             live = layer.live()
             allowed = live.numel() // layer.group_size - 1  # never the last group
             if allowed < 1:
@@ -155,16 +180,23 @@ class GlobalPruner:
             if not torch.isfinite(importance).all():
                 raise ValueError(f"non-finite importance scores for {layer.key}: check the loss")
             order = torch.sort(importance, stable=True).indices[: allowed * layer.group_size]
+            if per_latency and deltas[layer.key] <= 0:
+                continue  # removing it buys no latency (e.g. it leaves a qk = v fast kernel)
             table = order.view(allowed, layer.group_size)  # allowed, g
-            penalised = importance[table].sum(1)
-            if deltas is not None:
-                penalised = penalised - self.eta * deltas[layer.key]
             keys.append(layer.key)
             chunks.append(live[table].cpu())
-            group_scores.append(penalised.cpu())
+            group_saliency.append(importance[table].sum(1).cpu())
         if not keys:
             empty = torch.empty(0, dtype=torch.long)
             return RankedGroups(torch.empty(0, dtype=torch.float64), empty, empty, [], [])
+        group_scores = group_saliency
+        if deltas is not None:
+            saved = [torch.full_like(g, deltas[k]) for k, g in zip(keys, group_saliency)]
+            if per_latency:  # saliency lost per ms saved: a greedy knapsack under the latency budget
+                group_scores = [g / d for g, d in zip(group_saliency, saved)]
+            else:  # score - η·ΔLat, η in units of (mean group saliency / mean group ΔLat)
+                scale = torch.cat(group_saliency).mean() / torch.cat(saved).clamp_min(0).mean().clamp_min(1e-12)
+                group_scores = [g - self.eta * scale * d for g, d in zip(group_saliency, saved)]
         counts = torch.tensor([len(t) for t in chunks])
         layer_index = torch.repeat_interleave(torch.arange(len(keys)), counts)
         row = torch.arange(len(layer_index)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
@@ -194,6 +226,9 @@ class GlobalPruner:
         latency = (latency + torch.tensor([base[e] for e in emb], dtype=torch.float64)).tolist()
 
         target, reached, n = self.next_target, [], len(chosen)
+        if self.latency_step is not None:  # an event ends once it has saved its share of latency
+            goal = latency[0] - self.latency_step * self.dense_latency
+            n = next((j for j in range(1, n + 1) if latency[j] <= goal), n)
         if target is not None:
             crossing = next((j for j in range(1, n + 1) if latency[j] <= target * self.dense_latency), None)
             if crossing is not None:
@@ -257,11 +292,14 @@ def prune_to_targets(pruner: GlobalPruner, criterion: Criterion, calibrate: Call
 def build_pruning(model: torch.nn.Module, latency_model: LatencyModel, criterion: str = "hessian",
                   eta: float = 0.0, targets: Sequence[float] = (0.7,), groups_per_event: int = 8,
                   group_sizes: Mapping[str, int] | None = None, divisors: Mapping[str, float] | None = None,
-                  ema_beta: float = 0.9, seed: int = 0) -> tuple[Structure, Criterion, GlobalPruner]:
+                  ema_beta: float = 0.9, seed: int = 0, ranking: str = "penalty",
+                  latency_step: float | None = None, kinds: Sequence[str] = KINDS
+                  ) -> tuple[Structure, Criterion, GlobalPruner]:
     """Structure, criterion and pruner for a masked PrunableViT; fails early on bad values and on a
     target the group-size constraints cannot reach."""
     structure = Structure(model, group_sizes)
     scorer = build_criterion(criterion, structure, divisors=divisors, ema_beta=ema_beta, seed=seed)
-    pruner = GlobalPruner(structure, latency_model, eta, groups_per_event, targets)
+    pruner = GlobalPruner(structure, latency_model, eta, groups_per_event, targets, ranking=ranking,
+                          latency_step=latency_step, kinds=kinds)
     pruner.check_reachable()
     return structure, scorer, pruner
