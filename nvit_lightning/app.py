@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .evaluation import evaluate, measure_latency
+from .evaluation import evaluate
 from .models import PrunableViT
 from .pruning.latency import LatencyModel
 from .report import model_entry
+from .timing import prunable_spec, time_in_fresh_process, timm_spec
 
 log = logging.getLogger("nvit_lightning")
 
 # errors a user can fix from the command line: shown as one line, no traceback
 USER_ERRORS = (FileNotFoundError, ValueError, MissingMandatoryValue)
+MAX_SPREAD = 1.5  # slowest / fastest round of a latency measurement above which it is flagged
 
 
 def is_rank_zero() -> bool:
@@ -106,17 +109,55 @@ def check_pruner_config(cfg: DictConfig) -> None:
         raise ValueError(f"pruner.snapshots {list(p.snapshots)} must all be above pruner.target {p.target}")
 
 
+def pruning_options(pruner: DictConfig) -> dict[str, Any]:
+    """`build_pruning` keyword arguments from the `pruner` config group (its `interval` is train.py's)."""
+    options = OmegaConf.to_container(pruner, resolve=True)
+    options["targets"] = [options.pop("target"), *options.pop("snapshots")]
+    options.pop("interval", None)
+    return options
+
+
 def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: Any, cfg: DictConfig,
                    name: str, with_dims: bool) -> dict[str, Any]:
-    """The report entry of one model: size, predicted/measured latency, accuracy on data.val."""
-    batch = getattr(latency_model, "meta", {}).get("batch_size", 1)
-    threads = getattr(latency_model, "meta", {}).get("num_threads")
+    """The report entry of one model: size, predicted latency, accuracy on data.val (measured latency
+    comes later, from `measure_side_by_side`)."""
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto") else "cpu"
-    measured = measure_latency(model, batch, device, num_threads=threads) if cfg.measure_latency else None
     metrics = None
     if cfg.evaluate and datamodule.val_spec is not None:
         metrics = evaluate(model, datamodule.val_dataloader(), device, desc=f"evaluate {name}")
-    return model_entry(model, latency_model, measured, metrics, with_dims)
+    return model_entry(model, latency_model, None, metrics, with_dims)
+
+
+def measure_side_by_side(dense: PrunableViT | dict, pruned: PrunableViT, latency_model: LatencyModel,
+                         cfg: DictConfig) -> dict[str, Any] | None:
+    """Measured ms of the pruned model, our dense model and timm's own dense model, timed together in
+    a fresh process on the latency model's device, dtype, batch size and threads (`timing.py`).
+    `dense` is the dense model or its `prunable_spec` (taken before pruning changed the model).
+    A measurement whose rounds disagree by more than `MAX_SPREAD` is taken again once, and flagged
+    in the result if it still does."""
+    if not cfg.measure_latency:
+        return None
+    setup = latency_model.timing
+    if setup.device == "cuda" and not torch.cuda.is_available():
+        log.warning(f"{latency_model.describe()} is for CUDA, but no GPU is visible: latency not measured")
+        return None
+    dense_spec = dense if isinstance(dense, dict) else prunable_spec(dense)  # or taken before pruning
+    specs = {"dense": dense_spec, "pruned": prunable_spec(pruned)}
+    timm_name = cfg.model.get("timm_name")
+    if timm_name:
+        specs["timm_dense"] = timm_spec(timm_name, num_classes=pruned.num_classes)
+    log.info(f"timing dense and pruned models in a fresh process ({setup})")
+    result = time_in_fresh_process(specs, setup)
+    if max(result["spread"].values()) > MAX_SPREAD:
+        log.warning(f"latency rounds disagree (slowest/fastest {result['spread']}): the machine is busy; "
+                    f"measuring again")
+        result = min(result, time_in_fresh_process(specs, setup), key=lambda r: max(r["spread"].values()))
+    result["noisy"] = max(result["spread"].values()) > MAX_SPREAD
+    if result["noisy"]:
+        log.warning(f"latency measurement is noisy (slowest/fastest round {result['spread']}); "
+                    f"re-time on an idle machine")
+    result["setup"] = asdict(setup)
+    return result
 
 
 def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .models import PrunableViT
-from .pruning.profiler import measure_ms
+from .timing import measure_ms
 
 
 @torch.inference_mode()

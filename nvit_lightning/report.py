@@ -23,9 +23,15 @@ def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: fl
 
 
 def write_report(path: str | Path, dense: dict, pruned: dict, target_latency: float, criterion: str,
-                 eta: float, latency_model: LatencyModel, **extra: Any) -> dict:
+                 eta: float, latency_model: LatencyModel, timing: dict | None = None, **extra: Any) -> dict:
+    """report.json; `timing` is `app.measure_side_by_side`'s fresh-process measurement."""
+    if timing is not None:
+        ms = timing["ms"]
+        dense["latency_measured_ms"], pruned["latency_measured_ms"] = ms["dense"], ms["pruned"]
+        dense["latency_measured_timm_ms"] = ms.get("timm_dense")
+        pruned["speedup_vs_timm"] = ms["timm_dense"] / ms["pruned"] if "timm_dense" in ms else None
     report = {"dense": dense, "pruned": pruned, "target_latency": target_latency, "criterion": criterion,
-              "eta": eta, "latency_model": latency_model.describe(), **extra}
+              "eta": eta, "latency_model": latency_model.describe(), "timing": timing, **extra}
     Path(path).write_text(json.dumps(report, indent=2))
     return report
 
@@ -50,6 +56,9 @@ def summary_table(report: dict) -> str:
         ("latency measured (ms)", fmt(dense["latency_measured_ms"], ".4g"),
          fmt(pruned["latency_measured_ms"], ".4g"),
          ratio(dense["latency_measured_ms"], pruned["latency_measured_ms"])),
+        *([("latency measured, timm (ms)", fmt(dense["latency_measured_timm_ms"], ".4g"), "",
+            ratio(dense["latency_measured_timm_ms"], pruned["latency_measured_ms"]))]
+          if dense.get("latency_measured_timm_ms") else []),
         ("top-1 (%)", fmt(dense["top1"], ".2f"), fmt(pruned["top1"], ".2f"), ""),
         ("top-5 (%)", fmt(dense["top5"], ".2f"), fmt(pruned["top5"], ".2f"), ""),
     ]
@@ -60,4 +69,9 @@ def summary_table(report: dict) -> str:
     lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     title = (f"target latency {report['target_latency']} · criterion {report['criterion']} · "
              f"eta {report['eta']} · {report['latency_model']}")
+    timing = report.get("timing")
+    if timing:
+        lines.append(f"(measured in a fresh process, {timing['setup']['device']} {timing['setup']['dtype']} "
+                     f"batch {timing['setup']['batch_size']}; timm = timm's own dense module"
+                     f"{'; NOISY: the machine was busy' if timing.get('noisy') else ''})")
     return title + "\n" + "\n".join(lines)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..models.dims import ViTDims
+from ..timing import TimingSetup
 
 AXES = ("emb", "heads", "qk", "v", "mlp")
 
@@ -52,7 +53,12 @@ def _out_dtype(rows: Tensor) -> torch.dtype:
 
 
 class LatencyModel(ABC):
-    """Predicted latency in milliseconds of a (pruned) ViT and of its blocks."""
+    """Predicted latency in milliseconds of a (pruned) ViT and of its blocks, on the device, dtype,
+    batch size and thread count in `timing` (what every measurement to compare with must use) for
+    images of `tokens` tokens."""
+
+    timing: TimingSetup
+    tokens: int | None
 
     @abstractmethod
     def block_latency(self, block_dims: Tensor) -> Tensor:
@@ -160,6 +166,10 @@ class LookupTableLatency(LatencyModel):
                 len(self.grid["emb"]), len(self.grid["heads"]), len(self.same_qk_v_grid),
                 len(self.grid["mlp"]))
         self.meta = dict(meta or {})
+        m = self.meta
+        self.tokens = m.get("tokens")
+        self.timing = TimingSetup(device=m.get("device_type", "cpu"), dtype=m.get("dtype", "float32"),
+                                  batch_size=int(m.get("batch_size", 1)), num_threads=m.get("num_threads"))
 
     # ---- queries --------------------------------------------------------------------------------
     def block_latency(self, block_dims: Tensor) -> Tensor:
@@ -269,7 +279,9 @@ class FlopsLatency(LatencyModel):
     """Latency proxy: per-image multiply-accumulates (GMAC) times `ms_per_gmac`."""
 
     def __init__(self, tokens: int = 197, num_classes: int = 1000, patch_size: int = 16, in_chans: int = 3,
-                 ms_per_gmac: float = 1.0, distilled: bool = False) -> None:
+                 ms_per_gmac: float = 1.0, distilled: bool = False, device: str = "cpu",
+                 dtype: str = "float32", batch_size: int = 1, num_threads: int | None = None) -> None:
+        self.timing = TimingSetup(device, dtype, batch_size, num_threads)
         self.tokens, self.num_classes = tokens, num_classes
         self.patch_size, self.in_chans = patch_size, in_chans
         self.ms_per_gmac, self.distilled = ms_per_gmac, distilled

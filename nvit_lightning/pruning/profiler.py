@@ -21,18 +21,15 @@ and the same model's latency jumps by ~40 % between processes.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import itertools
 import json
 import math
 import platform
 import random
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -42,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models.dims import ViTDims
 from ..models.vit import CONFIG_FILE, WEIGHTS_FILE, Block, PrunableViT
+from ..timing import measure_ms, steady_malloc
 from .latency import AXES, LookupTableLatency
 
 # Grids span the smallest dims the pruner can reach (one group of each type: EMB 16, 1 head, QK/V 8,
@@ -90,71 +88,6 @@ def _patch_grid(tokens: int) -> tuple[int, bool]:
         if side >= 1 and side * side == tokens - prefix:
             return side, distilled
     raise ValueError(f"tokens={tokens} is not a square number of patches plus 1 (cls) or 2 (cls + dist)")
-
-
-_MALLOC_PINNED: bool | None = None
-
-
-def steady_malloc() -> bool:
-    """Keep glibc malloc from handing activation memory back to the OS between forwards (CPU timing).
-
-    glibc's mmap threshold adapts to the sizes a process has freed so far, so whether the largest
-    activations of a forward are page-faulted in afresh every time depends on the process's history:
-    on the reference machine DeiT-Tiny at batch 32 runs in ~320 ms or ~450 ms (110k page faults per
-    forward) depending on the process. Fixed thresholds keep freed memory in the heap, as tcmalloc or
-    jemalloc would, so profiling and every later measurement see the same steady state. Applied once
-    per process (the process then keeps its peak heap); returns False where it cannot (not glibc).
-    """
-    global _MALLOC_PINNED
-    if _MALLOC_PINNED is None:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-            # 32 MiB is glibc's largest mmap threshold; 2 GiB - 1 the largest int mallopt accepts
-            _MALLOC_PINNED = bool(libc.mallopt(m_mmap_threshold, 32 << 20)
-                                  and libc.mallopt(m_trim_threshold, 2**31 - 1))
-        except (OSError, AttributeError):
-            _MALLOC_PINNED = False
-    return _MALLOC_PINNED
-
-
-def measure_ms(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3,
-               repeats: int = 10, rounds: int = 1) -> float:
-    """Wall time of `fn()` in ms: the median over `rounds` of the median of `repeats` calls.
-
-    On a shared (virtual) machine the speed drifts both ways over seconds to minutes: other processes
-    slow a run down by up to 5x (OpenMP threads wait for a descheduled sibling), and a busy or idle
-    hyper-thread sibling on the host moves it by ~30 %. The median of rounds spread out in time is the
-    typical latency, which is what a later measurement of the whole model most likely sees.
-    CUDA events on a GPU (kernels are asynchronous). On a CPU the allocator is pinned first
-    (`steady_malloc`).
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    if device.type == "cpu":
-        steady_malloc()
-    medians = []
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for _ in range(warmup):
-                fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times = []
-            for _ in range(repeats):
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append((time.perf_counter() - t0) * 1e3)
-            medians.append(statistics.median(times))
-    return statistics.median(medians)
 
 
 def _base_model(emb: int, tokens: int, num_classes: int, patch_size: int) -> PrunableViT:
