@@ -13,7 +13,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nvit_lightning.app import (
     build,
@@ -21,12 +21,14 @@ from nvit_lightning.app import (
     cli_errors,
     describe_model,
     log,
+    measure_side_by_side,
+    pruning_options,
     save_config,
     setup_environment,
 )
 from nvit_lightning.models import PrunableViT
-from nvit_lightning.oneshot import calibrator, recover
-from nvit_lightning.pruning import build_pruning, prune_to_targets
+from nvit_lightning.oneshot import prune_one_shot, recover
+from nvit_lightning.pruning import build_pruning
 from nvit_lightning.report import summary_table, write_report
 
 
@@ -57,31 +59,27 @@ def export(cfg: DictConfig) -> dict:
 def prune(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     datamodule, model, latency_model = build_run(cfg)
-    p = cfg.pruner
-    targets = [p.target, *p.snapshots]
-    _, criterion, pruner = build_pruning(
-        model, latency_model, p.criterion, p.eta, targets, p.groups_per_event, p.group_sizes, p.divisors,
-        p.ema_beta, p.seed)
+    dense_model = copy.deepcopy(model).eval()  # the reference: before any pruning hook is attached
+    _, criterion, pruner = build_pruning(model, latency_model, **pruning_options(cfg.pruner))
+    reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
     save_config(cfg, out_dir)
     datamodule.setup()
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
-    dense_model = copy.deepcopy(model)
     dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=False)
 
-    loader = datamodule.calib_dataloader(cfg.calib_batches)
-    rescore_loader = datamodule.calib_dataloader(cfg.rescore_batches) if cfg.rescore else loader
-    snapshots = {}
+    needed = max(cfg.calib_batches, cfg.rescore_batches, reconstruction.batches if reconstruction else 0)
+    batches = list(datamodule.calib_dataloader(needed))  # decoded once, reused by every pass
+    snapshots, compacts = {}, {}
 
-    def on_event(event) -> None:
-        log.info(event.summary())
-        for target in event.targets_reached:
-            path = out_dir / "snapshots" / f"target_{target:.2f}"
-            model.compact().save_pretrained(path)
-            snapshots[target] = str(path)
+    def on_target(target: float, snapshot: PrunableViT) -> None:
+        compacts[target] = snapshot.compact()
+        path = out_dir / "snapshots" / f"target_{target:.2f}"
+        compacts[target].save_pretrained(path)
+        snapshots[target] = str(path)
 
-    events = prune_to_targets(pruner, criterion, calibrator(model, loader, criterion, device), cfg.rescore,
-                              on_event, recalibrate=calibrator(model, rescore_loader, criterion, device))
-    compact = model.compact()
+    events = prune_one_shot(model, dense_model, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches,
+                            cfg.rescore, reconstruction, on_target, lambda e: log.info(e.summary()), device)
+    compact = compacts[float(cfg.pruner.target)]
     if cfg.recovery_steps > 0:
         d = cfg.distill
         trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=False,
@@ -90,9 +88,12 @@ def prune(cfg: DictConfig) -> dict:
                           d.kl_weight, d.temperature, d.label_smoothing)
     compact.save_pretrained(out_dir / "model")
     pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
+    timing = measure_side_by_side(dense_model, compact, latency_model, cfg)
+    p = cfg.pruner
     report = write_report(out_dir / "report.json", dense, pruned, p.target, p.criterion, p.eta, latency_model,
-                          snapshots=snapshots, events=len(events), calib_batches=cfg.calib_batches, rescore=cfg.rescore,
-                          recovery_steps=cfg.recovery_steps)
+                          timing=timing, snapshots=snapshots, events=len(events), calib_batches=cfg.calib_batches,
+                          rescore=cfg.rescore, recovery_steps=cfg.recovery_steps,
+                          reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruct else None)
     (out_dir / "pruning_history.json").write_text(json.dumps(
         [{"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
          for e in events], indent=1))

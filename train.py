@@ -22,6 +22,7 @@ from nvit_lightning.app import (
     describe_model,
     is_rank_zero,
     log,
+    measure_side_by_side,
     save_config,
     setup_environment,
 )
@@ -29,6 +30,7 @@ from nvit_lightning.build import build_cnn_teacher
 from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning
 from nvit_lightning.module import NViTModule
 from nvit_lightning.report import summary_table, write_report
+from nvit_lightning.timing import prunable_spec
 
 
 def make_module(cfg: DictConfig, model, stage: str, teacher=None) -> NViTModule:
@@ -46,7 +48,10 @@ def make_module(cfg: DictConfig, model, stage: str, teacher=None) -> NViTModule:
 def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     datamodule, model, latency_model = build_run(cfg)
-    pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"), **cfg.pruner)
+    dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
+    reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
+    pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"), reconstruction=reconstruction,
+                            **cfg.pruner)
     pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
     if is_rank_zero():
         save_config(cfg, out_dir)
@@ -82,8 +87,9 @@ def train(cfg: DictConfig) -> dict:
         return {}
     compact.save_pretrained(out_dir / "model")
     pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
+    timing = measure_side_by_side(dense_arch, compact, latency_model, cfg)
     report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, cfg.pruner.criterion,
-                          cfg.pruner.eta, latency_model, snapshots=pruning.snapshots,
+                          cfg.pruner.eta, latency_model, timing=timing, snapshots=pruning.snapshots,
                           events=len(pruning.history))
     (out_dir / "pruning_history.json").write_text(json.dumps(pruning.history, indent=1))
     print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")

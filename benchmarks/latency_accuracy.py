@@ -3,51 +3,52 @@
     python benchmarks/latency_accuracy.py --out benchmarks/results
 
 Real DeiT-Tiny on this CPU, at batch 1 and batch 32, each with its shipped lookup table
-(data/latency/deit_tiny_cpu_b{1,32}.json). Hessian saliency is calibrated on sample images once;
-the model is pruned through the targets with the table of that batch size, and every compact
-snapshot is timed like the profiler times its grid (warm-up, median of repeats), right after the dense
-model (this shared machine's speed drifts by 10-20 % over minutes). Errors are given raw (the shipped
-table as is) and fitted on dense (table and FLOPs proxy scaled to the dense time measured alongside:
-the error in relative latency, which is what the pruner's ranking and the speed-up depend on).
+(data/latency/deit_tiny_cpu_b{1,32}.json), pruned one-shot through the targets with `prune.py`'s
+defaults (the architecture does not depend on the reconstruction, so none is run); every compact
+snapshot is timed with the dense model in one fresh process, interleaved round by round
+(`nvit_lightning.timing`: this shared machine's speed drifts by 10-20 % over minutes). Errors are
+given raw (the shipped table as is) and fitted on dense (table and FLOPs proxy scaled to the dense
+time measured alongside: the error in relative latency, which the ranking and speed-up depend on).
 Goals (issue #5): LUT error <= 10 %, measured speed-up >= 0.9 x the LUT's predicted speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 import torch
-from accuracy_at_latency import calibrated_state, load_setup, prune_snapshots
+from accuracy_at_latency import load_setup
 
-from nvit_lightning.app import setup_environment
-from nvit_lightning.evaluation import measure_latency
-from nvit_lightning.pruning import FlopsLatency
+from nvit_lightning.app import pruning_options, setup_environment
+from nvit_lightning.oneshot import prune_one_shot
+from nvit_lightning.pruning import FlopsLatency, build_pruning
+from nvit_lightning.timing import prunable_spec, time_in_fresh_process
 
 
 def rows_for_batch(batch: int, args: argparse.Namespace) -> list[dict]:
-    cfg, datamodule, dense, table = load_setup([f"latency=deit_tiny_cpu_b{batch}"])
-    calib = list(datamodule.calib_dataloader(args.calib_batches))
+    cfg, datamodule, dense, table = load_setup([f"latency=deit_tiny_cpu_b{batch}", "reconstruct=false"])
+    batches = list(datamodule.calib_dataloader(max(cfg.calib_batches, cfg.rescore_batches)))
+    model = copy.deepcopy(dense)
+    _, criterion, pruner = build_pruning(model, table, **{**pruning_options(cfg.pruner), "targets": args.targets})
+    specs = {"1.0": prunable_spec(dense)}
+    prune_one_shot(model, dense, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches, cfg.rescore,
+                   on_target=lambda t, m: specs.__setitem__(f"{t}", prunable_spec(m)))
+    # every model in one fresh process, interleaved round by round (this machine's speed drifts)
+    timing = time_in_fresh_process(specs, table.timing, rounds=args.rounds, repeats=args.repeats)
     flops = FlopsLatency()
-    threads = table.meta.get("num_threads")
-
-    def measure(model) -> float:
-        return measure_latency(model, batch, num_threads=threads, repeats=args.repeats, rounds=args.rounds)
-
-    masked, dense = dense, dense.compact().eval()  # dense is timed without mask multiplies
     dense_dims = dense.live_dims()
     lut_dense, flops_dense = table.model_latency(dense_dims), flops.model_latency(dense_dims)
+    dense_ms = timing["ms"]["1.0"]
     rows = []
-    state = calibrated_state(cfg, masked, table, "hessian", calib)
-    snapshots = prune_snapshots(cfg, masked, table, "hessian", state, 0.0, args.targets, rescore_batches=[])
-    for target, model in [(1.0, dense), *snapshots.items()]:
-        dims = model.live_dims()
-        dense_ms = measure(dense)  # side by side: the machine's speed drifts over a run
-        measured = dense_ms if model is dense else measure(model)
+    for name, spec in specs.items():
+        dims = type(dense_dims).from_dict(spec["prunable"]["dims"])
+        measured = timing["ms"][name]
         lut = table.model_latency(dims)
-        flop = flops.model_latency(dims) / flops_dense * dense_ms  # FLOPs proxy fitted on dense, this pair
-        row = {"batch": batch, "target": target, "measured_ms": measured, "dense_measured_ms": dense_ms,
+        flop = flops.model_latency(dims) / flops_dense * dense_ms  # FLOPs proxy fitted on dense
+        row = {"batch": batch, "target": float(name), "measured_ms": measured, "dense_measured_ms": dense_ms,
                "lut_ms": lut, "lut_error": lut / measured - 1,
                "lut_error_dense_fitted": lut / lut_dense * dense_ms / measured - 1,
                "flops_error": flop / measured - 1, "measured_speedup": dense_ms / measured,
@@ -63,9 +64,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--calib-batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     setup_environment()
     rows = [row for batch in args.batch_sizes for row in rows_for_batch(batch, args)]

@@ -3,7 +3,8 @@ batches, and a short recovery fine-tune of the compact model with KL to the dens
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+from collections.abc import Callable, Iterable, Sequence
 
 import lightning as L
 import torch
@@ -13,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .models import PrunableViT
 from .module import NViTModule
-from .pruning import Criterion
+from .pruning import Criterion, GlobalPruner, PruningEvent, prune_to_targets
+from .pruning.reconstruct import Reconstruction
 
 
 def calibrator(model: PrunableViT, batches: Iterable[tuple[Tensor, Tensor]], criterion: Criterion,
@@ -30,6 +32,33 @@ def calibrator(model: PrunableViT, batches: Iterable[tuple[Tensor, Tensor]], cri
         model.zero_grad(set_to_none=True)
 
     return calibrate
+
+
+def prune_one_shot(model: PrunableViT, reference: PrunableViT, pruner: GlobalPruner, criterion: Criterion,
+                   batches: Sequence[tuple[Tensor, Tensor]], calib_batches: int, rescore_batches: int,
+                   rescore: bool = True, reconstruction: Reconstruction | None = None,
+                   on_target: Callable[[float, PrunableViT], None] | None = None,
+                   on_event: Callable[[PruningEvent], None] | None = None,
+                   device: str | torch.device = "cpu") -> list[PruningEvent]:
+    """Prune the masked `model` through every target of `pruner` from saliency on calibration
+    `batches` (the first `calib_batches` to score, the first `rescore_batches` to re-score before
+    each later event). At each target reached, `on_target(target, snapshot)` gets a copy of the
+    masked model, refit by `reconstruction` against `reference` (the unpruned model) when given.
+    The model itself is never refit, so its pruning path does not depend on the reconstruction."""
+    def reached(event: PruningEvent) -> None:
+        if on_event is not None:
+            on_event(event)
+        for target in event.targets_reached:
+            if on_target is None:
+                continue
+            snapshot = copy.deepcopy(model)
+            if reconstruction is not None:
+                reconstruction(snapshot, reference, batches, device)
+            on_target(target, snapshot)
+
+    return prune_to_targets(pruner, criterion, calibrator(model, batches[:calib_batches], criterion, device),
+                            rescore, reached, recalibrate=calibrator(model, batches[:rescore_batches], criterion,
+                                                                     device))
 
 
 def recover(student: PrunableViT, teacher: PrunableViT, datamodule: L.LightningDataModule,

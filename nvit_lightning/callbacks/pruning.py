@@ -10,8 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..models import KINDS
 from ..pruning.latency import LatencyModel
 from ..pruning.pruner import PruningEvent, build_pruning
+from ..pruning.reconstruct import Reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ class GlobalPruning(L.Callback):
                  target: float = 0.7, snapshots: Sequence[float] = (), interval: int = 100,
                  groups_per_event: int = 8, group_sizes: Mapping[str, int] | None = None,
                  divisors: Mapping[str, float] | None = None, ema_beta: float = 0.9, seed: int = 0,
+                 ranking: str = "penalty", latency_step: float | None = None,
+                 kinds: Sequence[str] = KINDS, reconstruction: Reconstruction | None = None,
                  snapshot_dir: str | None = None) -> None:
         super().__init__()
         if interval < 1:
@@ -39,6 +43,8 @@ class GlobalPruning(L.Callback):
         self.target = float(target)
         self.interval, self.groups_per_event = int(interval), int(groups_per_event)
         self.group_sizes = dict(group_sizes or {})
+        self.ranking, self.latency_step, self.kinds = ranking, latency_step, list(kinds)
+        self.reconstruction = reconstruction
         self.criterion_kwargs = dict(divisors=dict(divisors or {}), ema_beta=ema_beta, seed=seed)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.history: list[dict[str, Any]] = []
@@ -51,8 +57,9 @@ class GlobalPruning(L.Callback):
     def build(self, model: torch.nn.Module) -> None:
         """Create structure, criterion and pruner for `model` (a masked PrunableViT)."""
         self.structure, self.criterion, self.pruner = build_pruning(
-            model, self.latency_model, self.criterion_name, self.eta, self.targets, self.groups_per_event,
-            self.group_sizes, **self.criterion_kwargs)
+            model, self.latency_model, criterion=self.criterion_name, eta=self.eta, targets=self.targets,
+            groups_per_event=self.groups_per_event, group_sizes=self.group_sizes, ranking=self.ranking,
+            latency_step=self.latency_step, kinds=self.kinds, **self.criterion_kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.structure is None:
@@ -88,10 +95,27 @@ class GlobalPruning(L.Callback):
                             if isinstance(v, int | float)}, on_step=True, on_epoch=False)
         if trainer.is_global_zero:
             log.info(event.summary())
+        if event.targets_reached and self.reconstruction is not None:
+            self._reconstruct(trainer, pl_module)
         for target in event.targets_reached:
             self._snapshot(trainer, pl_module, target)
         if self.done:
             trainer.should_stop = True
+
+    def _reconstruct(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refit the student against the frozen dense teacher on the datamodule's calibration batches
+        (the same on every rank, so DDP replicas stay identical)."""
+        if pl_module.teacher is None:
+            raise ValueError("reconstruction at pruning events needs the dense teacher (distill.kl_weight > 0)")
+        batches = list(trainer.datamodule.calib_dataloader(self.reconstruction.batches))
+        was_training = pl_module.student.training
+        results = self.reconstruction(pl_module.student, pl_module.teacher, batches, pl_module.device,
+                                      progress=trainer.is_global_zero)
+        pl_module.student.train(was_training)
+        if trainer.is_global_zero and results:
+            before = sum(r.error_before for r in results) / len(results)
+            after = sum(r.error_after for r in results) / len(results)
+            log.info(f"reconstruction: mean relative error of {len(results)} layers {before:.3f} -> {after:.3f}")
 
     def _record(self, event: PruningEvent, step: int, model: torch.nn.Module) -> dict[str, Any]:
         size = model.size_of(event.dims)
@@ -112,7 +136,8 @@ class GlobalPruning(L.Callback):
     def _config(self) -> dict[str, Any]:
         return {"criterion": self.criterion_name, "eta": self.eta, "targets": self.targets,
                 "interval": self.interval, "groups_per_event": self.groups_per_event,
-                "group_sizes": self.group_sizes}
+                "group_sizes": self.group_sizes, "ranking": self.ranking, "latency_step": self.latency_step,
+                "kinds": self.kinds}
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self._config(), "criterion": self.criterion.state_dict(),
@@ -120,9 +145,10 @@ class GlobalPruning(L.Callback):
                 "snapshots": self.snapshots, "last_event_step": self.last_event_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["config"] != self._config():
-            diff = {k: (v, self._config()[k]) for k, v in state_dict["config"].items()
-                    if self._config().get(k) != v}
+        # checkpoints of older versions lack the newer keys: they ran with these values
+        saved = {"ranking": "penalty", "latency_step": None, "kinds": list(KINDS), **state_dict["config"]}
+        if saved != self._config():
+            diff = {k: (v, self._config().get(k)) for k, v in saved.items() if self._config().get(k) != v}
             raise ValueError(f"resume checkpoint comes from another pruning config (checkpoint vs this "
                              f"run): {diff}")
         if self.structure is None:
