@@ -51,7 +51,8 @@ def test_default_config_is_the_demo(tmp_path: Path) -> None:
     demo = compose_cfg("train", ["+experiment=demo"], tmp_path)
     assert default == demo
     assert default.model.timm_name == "deit_tiny_patch16_224"
-    assert default.pruner.target == 0.7 and default.pruner.criterion == "hessian"
+    assert default.pruner.target == 0.65 and default.pruner.criterion == "hessian"
+    assert list(default.pruner.kinds) == ["head", "mlp"] and default.reconstruct
     assert default.latency.path.endswith("deit_tiny_cpu_b32.json")
     assert default.trainer.accelerator == "cpu"
 
