@@ -162,15 +162,21 @@ def main() -> None:
     batches = list(datamodule.calib_dataloader(needed))
     val = list(datamodule.val_dataloader())[: args.val_batches]
     dense_lut = latency_model.model_latency(dense.live_dims())
-    grid = [round(0.97 - 0.01 * i, 2) for i in range(int((0.97 - min(args.targets) + 0.12) / 0.01))]
+    # predicted-latency candidates around each target (each one also ends a pruning event)
+    grid = sorted({round(t + d, 2) for t in args.targets for d in (0.06, 0.04, 0.02, 0.0, -0.02, -0.04)},
+                  reverse=True)
 
     # 1. candidates of every method: (method, knob) -> (architecture, how to build the model)
     candidates: dict[str, dict[float, tuple[dict, Callable[[], PrunableViT]]]] = {}
+    pruned_masks: dict[tuple[str, ...], dict[float, dict]] = {}  # the refit does not change the pruning path
     for method in args.methods:
         print(f"candidates: {method}", flush=True)
         if method in OURS:
             overrides = OURS[method]
-            for knob, masks in our_candidates(overrides, grid, batches).items():
+            path_key = tuple(o for o in overrides if not o.startswith("reconstruct"))
+            if path_key not in pruned_masks:
+                pruned_masks[path_key] = our_candidates(overrides, grid, batches)
+            for knob, masks in pruned_masks[path_key].items():
                 model = copy.deepcopy(dense)
                 Structure(model, UNIT_GROUPS).set_masks(masks)
                 candidates.setdefault(method, {})[knob] = (

@@ -21,7 +21,8 @@ def test_ddp_two_processes_agree_and_only_rank_zero_writes(tmp_path: Path) -> No
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
          "trainer.precision=32-true", "model=small_random", "data=synthetic", "latency=flops", "latency.tokens=17",
-         "logger=none", "pruner.interval=2", "pruner.groups_per_event=3", "pruner.group_sizes.emb=8",
+         "logger=none", "pruner.kinds=[emb,head,qk,v,mlp]", "pruner.latency_step=null",
+         "pruner.interval=2", "pruner.groups_per_event=3", "pruner.group_sizes.emb=8",
          "pruner.target=0.6", "pruner.snapshots=[0.8]", "schedule.prune_max_epochs=20", "schedule.finetune_epochs=1",
          "measure_latency=false", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
          "+callbacks.dump._target_=tests.ddp_probe.DumpPerRank", f"+callbacks.dump.out_dir={dump_dir}",
