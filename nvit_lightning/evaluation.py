@@ -1,4 +1,4 @@
-"""Accuracy and measured latency of a model, as reported in report.json."""
+"""Accuracy of a model, as reported in report.json (latency: `timing.py`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-
-from .models import PrunableViT
-from .timing import measure_ms
 
 
 @torch.inference_mode()
@@ -27,19 +24,3 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = 
         total += labels.numel()
     model.train(was_training)
     return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
-
-
-def measure_latency(model: PrunableViT, batch_size: int, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, num_threads: int | None = None,
-                    repeats: int = 10, rounds: int = 3) -> float:
-    """Median ms of a forward of the compact model at `batch_size`, timed like the LUT profiler."""
-    model = (model.compact() if model.masked else model).eval().to(device, dtype)
-    size, chans = model.config["img_size"], model.config["in_chans"]
-    images = torch.randn(batch_size, chans, size, size, device=device, dtype=dtype)
-    old_threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        return measure_ms(lambda: model(images), device, warmup=2, repeats=repeats, rounds=rounds)
-    finally:
-        torch.set_num_threads(old_threads)
