@@ -147,6 +147,7 @@ def main() -> None:
                         help="measured latency / timm's dense DeiT-Tiny")
     parser.add_argument("--methods", nargs="+", default=[*OURS, *TORCH_PRUNING])
     parser.add_argument("--tolerance", type=float, default=0.02)
+    parser.add_argument("--max-ratio", type=float, default=0.6, help="largest Torch-Pruning ratio tried")
     parser.add_argument("--per-target", type=int, default=3, help="candidates timed per method and target")
     parser.add_argument("--recovery-steps", type=int, default=0, help="KL fine-tune steps (0: one-shot only)")
     parser.add_argument("--recover-methods", nargs="*", default=None, help="default: every method")
@@ -183,7 +184,7 @@ def main() -> None:
                     prunable_spec(model), lambda m=masks, o=overrides: materialise(dense, m, o, batches))
         else:
             importance, global_pruning = TORCH_PRUNING[method]
-            ratios = [round(0.02 * i, 2) for i in range(1, 31)]
+            ratios = [round(0.02 * i, 2) for i in range(1, int(args.max_ratio / 0.02) + 1)]
             models = torch_pruning_candidates(cfg, batches[: cfg.calib_batches], importance, global_pruning, ratios)
             candidates[method] = {r: (prunable_spec(m), lambda m=m: m) for r, m in models.items()}
 
