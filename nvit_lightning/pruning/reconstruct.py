@@ -124,13 +124,7 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
 
     Returns the relative error of every refit layer before and after its refit.
     """
-    unknown = set(layers) - set(LAYERS)
-    if unknown:
-        raise ValueError(f"unknown reconstruction layers {sorted(unknown)}; choose from {LAYERS}")
-    if target not in TARGETS:
-        raise ValueError(f"unknown reconstruction target {target!r}; choose one of {TARGETS}")
-    if damping <= 0:
-        raise ValueError(f"reconstruction damping must be > 0, got {damping}")
+    _check_options(layers, target, damping)
     if not model.masked:
         raise ValueError("reconstruct works on the masked model (before compact())")
     device = torch.device(device)
@@ -190,6 +184,16 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
     return results
 
 
+def _check_options(layers: Sequence[str], target: str, damping: float) -> None:
+    unknown = set(layers) - set(LAYERS)
+    if unknown:
+        raise ValueError(f"reconstruction.layers: unknown {sorted(unknown)}; choose from {LAYERS}")
+    if target not in TARGETS:
+        raise ValueError(f"reconstruction.target must be one of {TARGETS}, got {target!r}")
+    if not damping > 0:
+        raise ValueError(f"reconstruction.damping must be > 0, got {damping}")
+
+
 def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x * mask
 
@@ -206,13 +210,7 @@ class Reconstruction:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
-        unknown = set(self.layers) - set(LAYERS)
-        if unknown:
-            raise ValueError(f"reconstruction.layers: unknown {sorted(unknown)}; choose from {LAYERS}")
-        if self.target not in TARGETS:
-            raise ValueError(f"reconstruction.target must be one of {TARGETS}, got {self.target!r}")
-        if not self.damping > 0:
-            raise ValueError(f"reconstruction.damping must be > 0, got {self.damping}")
+        _check_options(self.layers, self.target, self.damping)
         if self.batches < 1:
             raise ValueError(f"reconstruction.batches must be >= 1, got {self.batches}")
 
