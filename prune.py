@@ -85,7 +85,7 @@ def prune(cfg: DictConfig) -> dict:
         trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False)
         compact = recover(compact, dense_model, datamodule, trainer, build(cfg.schedule.finetune_optimizer),
-                          d.kl_weight, d.temperature, d.label_smoothing)
+                          d.kl_weight, d.temperature, d.label_smoothing, cfg.max_nonfinite_skips)
     compact.save_pretrained(out_dir / "model")
     pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
     timing = measure_side_by_side(dense_model, compact, latency_model, cfg)

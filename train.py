@@ -33,7 +33,7 @@ from nvit_lightning.report import summary_table, write_report
 from nvit_lightning.timing import prunable_spec
 
 
-def make_module(cfg: DictConfig, model, stage: str, teacher=None) -> NViTModule:
+def make_module(cfg: DictConfig, model, stage: str, teacher=None, step_offset: int = 0) -> NViTModule:
     d, s = cfg.distill, cfg.schedule
     cnn = build_cnn_teacher(**d.cnn_teacher) if d.cnn_teacher else None
     prune = stage == "prune"
@@ -42,7 +42,7 @@ def make_module(cfg: DictConfig, model, stage: str, teacher=None) -> NViTModule:
         scheduler=build(s.scheduler if prune else s.finetune_scheduler), kl_weight=d.kl_weight,
         temperature=d.temperature if prune else d.finetune_temperature, kl_from_start=not prune,
         teacher=teacher, label_smoothing=d.label_smoothing, mixup=d.mixup, cnn_teacher=cnn,
-        cnn_alpha=d.cnn_alpha)
+        cnn_alpha=d.cnn_alpha, max_nonfinite_skips=cfg.max_nonfinite_skips, stage=stage, step_offset=step_offset)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> dict:
 
     # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
     if cfg.schedule.finetune_epochs > 0:
-        finetune = make_module(cfg, compact, "finetune", teacher=module.teacher)
+        finetune = make_module(cfg, compact, "finetune", teacher=module.teacher, step_offset=trainer.global_step)
         callbacks = build_all(cfg.callbacks)
         for callback in callbacks:  # stage-2 checkpoints must not overwrite stage 1's (resumable) ones
             if isinstance(callback, ModelCheckpoint):

@@ -109,6 +109,18 @@ def check_pruner_config(cfg: DictConfig) -> None:
         raise ValueError(f"pruner.snapshots {list(p.snapshots)} must all be above pruner.target {p.target}")
 
 
+def check_distill_config(cfg: DictConfig) -> None:
+    """Distillation values that would only fail (or turn the loss into NaN) deep inside training."""
+    d = cfg.distill
+    if float(d.kl_weight) < 0:
+        raise ValueError(f"distill.kl_weight must be >= 0, got {d.kl_weight}")
+    for key in ("temperature", "finetune_temperature"):
+        if float(d.kl_weight) > 0 and not float(d[key]) > 0:
+            raise ValueError(f"distill.{key} must be > 0, got {d[key]}")
+    if int(cfg.get("max_nonfinite_skips", 0)) < 0:
+        raise ValueError(f"max_nonfinite_skips must be >= 0, got {cfg.max_nonfinite_skips}")
+
+
 def pruning_options(pruner: DictConfig) -> dict[str, Any]:
     """`build_pruning` keyword arguments from the `pruner` config group (its `interval` is train.py's)."""
     options = OmegaConf.to_container(pruner, resolve=True)
@@ -163,6 +175,7 @@ def measure_side_by_side(dense: PrunableViT | dict, pruned: PrunableViT, latency
 def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
     """Datamodule, model and latency model of a train/prune run, checked before any work starts."""
     check_pruner_config(cfg)
+    check_distill_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     model = build(cfg.model)

@@ -7,6 +7,7 @@ dense teacher switches on after the first pruning event (`enable_kl`), as in NVi
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .models import PrunableViT
+from .models import PrunableViT, check_finite
+
+log = logging.getLogger("nvit_lightning")
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite (more often than `max_nonfinite_skips` allows)."""
 
 
 def soft_distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -33,8 +40,14 @@ class NViTModule(L.LightningModule):
                  temperature: float = 3.0, kl_from_start: bool = False,
                  teacher: nn.Module | None = None, label_smoothing: float = 0.0,
                  mixup: dict | None = None, cnn_teacher: nn.Module | None = None,
-                 cnn_alpha: float = 0.5) -> None:
+                 cnn_alpha: float = 0.5, max_nonfinite_skips: int = 0, stage: str = "prune",
+                 step_offset: int = 0) -> None:
         super().__init__()
+        if kl_weight > 0 and not temperature > 0:
+            raise ValueError(f"the distillation temperature must be > 0 (distill.temperature / "
+                             f"distill.finetune_temperature), got {temperature}")
+        if max_nonfinite_skips < 0:
+            raise ValueError(f"max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "teacher", "cnn_teacher"])
         self.student = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -45,6 +58,12 @@ class NViTModule(L.LightningModule):
             teacher = copy.deepcopy(model)
         self._teacher = [teacher.eval().requires_grad_(False)] if kl_weight > 0 else []
         self.kl_active = kl_from_start
+        # batches with a NaN/inf loss are skipped (no optimizer step) up to this many times, then the
+        # run stops; 0 = stop at the first one
+        self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
+        # metrics go under `<stage>/` on one step axis across stages: stage 2 continues where stage 1
+        # stopped (a logged "step" is what Lightning's loggers use as the x-axis)
+        self.stage, self.step_offset = stage, step_offset
         self._cnn_teacher = [cnn_teacher.eval().requires_grad_(False)] if cnn_teacher is not None else []
         if cnn_teacher is not None and not model.distilled:
             raise ValueError("a CNN teacher needs a distilled student (with a distillation token)")
@@ -109,21 +128,46 @@ class NViTModule(L.LightningModule):
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         loss, output, terms = self.compute_loss(x, y)
+        if self._non_finite(loss):
+            self._skip_or_stop(terms)
+            return None  # Lightning skips backward and the optimizer step
         self.train_top1(output.detach(), hard_labels)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log(f"{self.stage}/train/loss", loss, prog_bar=True)
         for name, value in terms.items():
-            self.log(f"train/{name}", value)
-        self.log("train/top1", self.train_top1, on_step=True, on_epoch=False)
+            self.log(f"{self.stage}/train/{name}", value)
+        self.log(f"{self.stage}/train/top1", self.train_top1, on_step=True, on_epoch=False)
+        self._log_step()
         return loss
+
+    def _log_step(self) -> None:
+        self.log("step", float(self.step_offset + self.global_step), on_step=not self.trainer.validating,
+                 on_epoch=self.trainer.validating, reduce_fx="max")
+
+    def _non_finite(self, loss: Tensor) -> bool:
+        """Whether any rank's loss is non-finite (one flag for all ranks, so all skip or stop together)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        return bool(self.trainer.strategy.reduce(bad, reduce_op="max") > 0) if self._trainer else bool(bad)
+
+    def _skip_or_stop(self, terms: dict[str, Tensor]) -> None:
+        self.nonfinite_skips += 1
+        values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+        if self.nonfinite_skips > self.max_nonfinite_skips:
+            raise NonFiniteLossError(
+                f"non-finite loss ({values}) at optimizer step {self.global_step}, epoch {self.current_epoch}: "
+                f"the learning rate is likely too high (schedule.optimizer.lr / schedule.finetune_optimizer.lr) "
+                f"or the data holds broken images; max_nonfinite_skips=N skips up to N such batches")
+        log.warning(f"non-finite loss ({values}) at step {self.global_step}: batch skipped "
+                    f"({self.nonfinite_skips} of at most {self.max_nonfinite_skips})")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self.student(x)
         self.val_top1(logits, y)
         self.val_top5(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/top1", self.val_top1, prog_bar=True)
-        self.log("val/top5", self.val_top5)
+        self.log(f"{self.stage}/val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{self.stage}/val/top1", self.val_top1, prog_bar=True)
+        self.log(f"{self.stage}/val/top5", self.val_top5)
+        self._log_step()
 
     def configure_optimizers(self) -> dict:
         decay, no_decay = [], []
@@ -140,6 +184,7 @@ class NViTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite(self.student, "the checkpoint")
         checkpoint["student_config"] = self.student.config | {"masked": self.student.masked}
         checkpoint["kl_active"] = self.kl_active
 

@@ -63,7 +63,7 @@ def prune_one_shot(model: PrunableViT, reference: PrunableViT, pruner: GlobalPru
 
 def recover(student: PrunableViT, teacher: PrunableViT, datamodule: L.LightningDataModule,
             trainer: L.Trainer, optimizer: Callable[..., torch.optim.Optimizer], kl_weight: float,
-            temperature: float, label_smoothing: float = 0.0) -> PrunableViT:
+            temperature: float, label_smoothing: float = 0.0, max_nonfinite_skips: int = 0) -> PrunableViT:
     """Fine-tune `student` for the trainer's `max_steps` with KL to the frozen `teacher` (a fresh
     optimizer); returns the student, left in eval mode."""
     module = NViTModule(student, optimizer=optimizer, kl_weight=kl_weight, temperature=temperature,

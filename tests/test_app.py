@@ -13,9 +13,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from safetensors.torch import load_file
 
-from nvit_lightning.app import setup_environment
-from nvit_lightning.models import PrunableViT
+from nvit_lightning.app import build, setup_environment
+from nvit_lightning.models import NonFiniteWeightsError, PrunableViT
+from nvit_lightning.module import NonFiniteLossError, NViTModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -172,10 +174,67 @@ def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:
     (["pruner.group_sizes.mlp=48"], "does not divide"),
     (["pruner.target=0.001"], "unreachable"),
     (["data=imagenet_sample", "paths.data_dir=/nonexistent"], "/nonexistent/imagenet_sample_1000"),
+    (["pruner.divisors.emb=0"], r"pruner.divisors must all be > 0, got \{'emb': 0"),
+    (["distill.temperature=0"], "distill.temperature must be > 0"),
+    (["distill.finetune_temperature=-1"], "distill.finetune_temperature must be > 0"),
+    (["max_nonfinite_skips=-1"], "max_nonfinite_skips must be >= 0"),
 ])
 def test_bad_input_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run_train([*[o for o in SMALL if not o.startswith("data=")], *overrides], tmp_path)
+
+
+@pytest.mark.parametrize("stage_lr", ["schedule.optimizer.lr=1e12", "schedule.finetune_optimizer.lr=1e12"])
+def test_diverging_run_stops_and_writes_no_model(stage_lr: str, tmp_path: Path) -> None:
+    """A NaN loss in either stage stops the run with a one-line error; no model, snapshot or report."""
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at optimizer step"):
+        run_train([*SMALL, "pruner=random", "pruner.snapshots=[0.9]", "schedule.prune_max_epochs=3",
+                   "schedule.finetune_epochs=3", stage_lr], tmp_path)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "report.json").exists()
+    for snapshot in (tmp_path / "snapshots").glob("*/model.safetensors"):  # written before the NaN, if any
+        assert all(torch.isfinite(t).all() for t in load_file(snapshot).values())
+
+
+def test_nonfinite_batches_are_skipped_up_to_the_limit(tmp_path: Path) -> None:
+    model = build(compose_cfg("train", SMALL, tmp_path).model)
+    module = NViTModule(model, optimizer=torch.optim.SGD, max_nonfinite_skips=2)
+    images, labels = torch.full((2, 3, 32, 32), float("nan")), torch.zeros(2, dtype=torch.long)
+    assert module.training_step((images, labels), 0) is None
+    assert module.training_step((images, labels), 1) is None
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite_skips"):
+        module.training_step((images, labels), 2)
+
+
+def test_model_with_nan_weights_is_never_saved(tmp_path: Path) -> None:
+    model = build(compose_cfg("train", SMALL, tmp_path).model)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"blocks\.0\.mlp\.fc1\.weight holds NaN"):
+        model.save_pretrained(tmp_path / "nan_model")
+    assert not (tmp_path / "nan_model").exists()
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_stages_log_under_their_prefix_on_one_step_axis(logger: str, tmp_path: Path) -> None:
+    run_train([*[o for o in SMALL if not o.startswith("logger=")], f"logger={logger}", "pruner.interval=2",
+               "schedule.prune_max_epochs=2", "schedule.finetune_epochs=1",
+               "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2"], tmp_path)
+    if logger == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(next((tmp_path / "tensorboard").rglob("events.out.*")).parent)).Reload()
+        steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    else:
+        import csv
+
+        with open(next((tmp_path / "csv").rglob("metrics.csv"))) as f:
+            rows = list(csv.DictReader(f))
+        steps = {tag: [int(r["step"]) for r in rows if r.get(tag)] for tag in rows[0] if tag != "step"}
+    prune, finetune = steps["prune/train/loss"], steps["finetune/train/loss"]
+    assert prune == sorted(prune) and finetune == sorted(finetune) and len(finetune) > 0
+    assert min(finetune) > max(prune)  # stage 2 continues the step axis
+    assert max(steps["prune/val/top1"]) <= min(finetune) <= max(finetune) <= max(steps["finetune/val/top1"])
+    assert "train/loss" not in steps
 
 
 def test_latency_table_for_another_model_is_refused(tmp_path: Path) -> None:
@@ -194,6 +253,16 @@ def test_cli_prints_one_line_error_for_missing_checkpoint(tmp_path: Path) -> Non
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert errors[-1].startswith("error: checkpoint not found: /nowhere/deit.pth")
     assert "model.checkpoint" in errors[-1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "prune.py"])
+def test_help_describes_the_application(script: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"{script}: ") and f"python {script}" in result.stdout
+    assert "pruner: hessian, magnitude, random, taylor" in result.stdout  # the config groups
+    assert "target:" in result.stdout and "README.md" in result.stdout
 
 
 def test_multirun_sweep_writes_one_report_per_job(tmp_path: Path) -> None:

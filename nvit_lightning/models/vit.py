@@ -259,6 +259,7 @@ class PrunableViT(nn.Module):
         """Write `dims.json` (architecture) and `model.safetensors` (weights, masks); no pickles."""
         from safetensors.torch import save_file
 
+        check_finite(self, f"{directory}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"architecture": "PrunableViT", **self.config, "masked": self.masked}
@@ -283,6 +284,18 @@ class PrunableViT(nn.Module):
         model = cls(**config)
         load_checked_state_dict(model, load_file(str(weights_path), device=map_location), str(weights_path))
         return model
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model with NaN or infinite weights was about to be saved."""
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse to write `what` from a model with a NaN or infinite parameter or buffer."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeightsError(f"{name} holds NaN/inf values: not writing {what} (training diverged: "
+                                        f"lower the learning rate)")
 
 
 def load_checked_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:

@@ -57,6 +57,9 @@ class GradientCriterion(Criterion):
                  ema_beta: float = 0.9) -> None:
         super().__init__(structure)
         self.divisors = {**DEFAULT_DIVISORS, **(divisors or {})}
+        bad = {k: v for k, v in self.divisors.items() if not float(v) > 0}
+        if bad:
+            raise ValueError(f"pruner.divisors must all be > 0, got {bad}")
         if not 0.0 <= ema_beta < 1.0:
             raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
         self.ema_beta = ema_beta
