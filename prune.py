@@ -36,8 +36,11 @@ def load_train_checkpoint(path: str) -> PrunableViT:
     """The masked student of a train.py Lightning checkpoint."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (set checkpoint=<run>/checkpoints/last.ckpt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "student_config" not in ckpt:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling raises many types for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable Lightning checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or "student_config" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (no student_config)")
     model = PrunableViT(**ckpt["student_config"])
     state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .evaluation import evaluate
 from .models import PrunableViT
+from .pruning import build_pruning
 from .pruning.latency import LatencyModel
 from .report import model_entry
 from .timing import prunable_spec, time_in_fresh_process, timm_spec
@@ -99,7 +101,15 @@ def check_latency_model(latency_model: LatencyModel, model: PrunableViT) -> None
 def check_pruner_config(cfg: DictConfig) -> None:
     """Bad pruner values fail here, before any model or data is loaded."""
     p = cfg.pruner
+    known = set(inspect.signature(build_pruning).parameters) - {"model", "latency_model", "targets"}
+    unknown = sorted(set(p) - known - {"target", "snapshots", "interval"})
+    if unknown:
+        raise ValueError(f"unknown pruner key(s) {unknown}; the pruner takes "
+                         f"{sorted(known | {'target', 'snapshots', 'interval'})}")
+    for key in ("target", "eta"):
+        _number(p[key], f"pruner.{key}")
     for t in [p.target, *p.snapshots]:
+        _number(t, "pruner.snapshots")
         if not 0.0 < float(t) < 1.0:
             raise ValueError(f"latency targets must lie strictly between 0 and 1 (pruner.target, "
                              f"pruner.snapshots), got {t}")
@@ -107,6 +117,45 @@ def check_pruner_config(cfg: DictConfig) -> None:
         raise ValueError(f"pruner.eta must be >= 0, got {p.eta}")
     if any(float(t) <= float(p.target) for t in p.snapshots):
         raise ValueError(f"pruner.snapshots {list(p.snapshots)} must all be above pruner.target {p.target}")
+
+
+def _number(value: Any, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+
+
+def check_trainer_config(cfg: DictConfig) -> None:
+    """Devices the trainer cannot get, caught before the dense evaluation rather than after it."""
+    t = cfg.trainer
+    if str(t.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible: use trainer=cpu")
+    devices = t.get("devices")
+    if (isinstance(devices, int) and devices == 0) or (isinstance(devices, int) and devices < -1):
+        raise ValueError(f"trainer.devices must be a positive count, -1 (all) or 'auto', got {devices}")
+
+
+def check_data_fits_model(datamodule: Any, model: PrunableViT) -> None:
+    """Image size and labels the model cannot take, caught before any evaluation or training."""
+    size = model.config.get("img_size")
+    if getattr(datamodule, "img_size", size) != size:
+        raise ValueError(f"data.img_size={datamodule.img_size} but the model takes {size}x{size} images: "
+                         f"set data.img_size={size}")
+    labels = datamodule.num_labels() if hasattr(datamodule, "num_labels") else None
+    if labels is not None and labels > model.num_classes:
+        raise ValueError(f"the data has labels up to {labels - 1}, but the model has {model.num_classes} "
+                         f"classes: use a dataset with this model's classes (or a model with its own head)")
+
+
+def make_output_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output directory {path}: {err.strerror} "
+                         f"(set hydra.run.dir=<dir> or paths.output_dir=<dir>)") from None
+    return path
 
 
 def check_distill_config(cfg: DictConfig) -> None:
@@ -176,14 +225,18 @@ def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
     """Datamodule, model and latency model of a train/prune run, checked before any work starts."""
     check_pruner_config(cfg)
     check_distill_config(cfg)
+    check_trainer_config(cfg)
+    make_output_dir(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     model = build(cfg.model)
     latency_model = build(cfg.latency)
     check_latency_model(latency_model, model)
+    datamodule.setup()
+    check_data_fits_model(datamodule, model)
     return datamodule, model, latency_model
 
 
 def save_config(cfg: DictConfig, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -178,10 +178,18 @@ def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:
     (["distill.temperature=0"], "distill.temperature must be > 0"),
     (["distill.finetune_temperature=-1"], "distill.finetune_temperature must be > 0"),
     (["max_nonfinite_skips=-1"], "max_nonfinite_skips must be >= 0"),
+    (["pruner.target=abc"], "pruner.target must be a number, got 'abc'"),
+    (["+pruner.etaa=1"], r"unknown pruner key\(s\) \['etaa'\]"),
+    (["data.img_size=64"], "data.img_size=64 but the model takes 32x32 images: set data.img_size=32"),
+    (["data.train.num_classes=20"], "the data has labels up to 19, but the model has 10 classes"),
+    (["trainer.devices=0"], "trainer.devices must be a positive count"),
+    pytest.param(["trainer.accelerator=gpu"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_bad_input_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        run_train([*[o for o in SMALL if not o.startswith("data=")], *overrides], tmp_path)
+        replaced = {o.split("=")[0] for o in overrides if o.startswith("data=")}
+        run_train([*[o for o in SMALL if o.split("=")[0] not in replaced], *overrides], tmp_path)
 
 
 @pytest.mark.parametrize("stage_lr", ["schedule.optimizer.lr=1e12", "schedule.finetune_optimizer.lr=1e12"])
@@ -235,6 +243,36 @@ def test_stages_log_under_their_prefix_on_one_step_axis(logger: str, tmp_path: P
     assert min(finetune) > max(prune)  # stage 2 continues the step axis
     assert max(steps["prune/val/top1"]) <= min(finetune) <= max(finetune) <= max(steps["finetune/val/top1"])
     assert "train/loss" not in steps
+
+
+def test_unwritable_output_dir_is_refused_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"cannot create the output directory .*file/run"):
+        run_train(SMALL, tmp_path / "file" / "run")
+
+
+@pytest.mark.parametrize("broken", ["dims.json", "model.safetensors"])
+def test_corrupt_model_directory_names_the_file(broken: str, tmp_path: Path) -> None:
+    build(compose_cfg("train", SMALL, tmp_path).model).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / broken).write_bytes(b'{"truncated": ')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model' / broken} (is corrupt|is not a readable)"):
+        run_train([*SMALL, "model=from_dir", f"model.pretrained_dir={tmp_path / 'model'}"], tmp_path / "run")
+
+
+def test_garbage_checkpoint_for_export_is_one_error(tmp_path: Path) -> None:
+    import prune
+
+    (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"x\.ckpt is not a readable Lightning checkpoint"):
+        prune.export(compose_cfg("prune", ["mode=export", f"checkpoint={tmp_path / 'x.ckpt'}"], tmp_path))
+
+
+def test_corrupt_latency_table_names_the_file(tmp_path: Path) -> None:
+    table = tmp_path / "table.json"
+    table.write_text('{"grid": [1, 2')
+    with pytest.raises(ValueError, match=f"latency table {table} is corrupt .*delete it"):
+        run_train([*[o for o in SMALL if not o.startswith("latency")], "latency=lut", f"latency.path={table}"],
+                  tmp_path / "run")
 
 
 def test_latency_table_for_another_model_is_refused(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from nvit_lightning.data import (
     ImageNetFolders,
     ImageNetSample,
     SyntheticImages,
+    UnreadableImageError,
     ViTDataModule,
     build_dataset,
     eval_transform,
@@ -118,6 +119,32 @@ def test_image_list_and_folders_from_local_files(tmp_path):
     assert folders.classes == ["n01", "n02"]
     img, label = folders[0]
     assert img.shape == (3, 16, 16) and label == 0
+
+
+@pytest.mark.parametrize("kind", ["image_list", "folder"])
+def test_unreadable_images_are_skipped_with_a_named_warning_or_stop_strict(kind, tmp_path):
+    """A truncated JPEG and a non-image file: skipped (each named, counted) or, strict, the first stops."""
+    root = tmp_path / "n01"
+    write_jpeg(root / "a.jpg")
+    write_jpeg(root / "b.jpg")
+    (root / "b.jpg").write_bytes((root / "b.jpg").read_bytes()[:200])  # truncated
+    (root / "c.jpg").write_text("not an image")
+    write_jpeg(root / "d.jpg", size=(20, 50))
+    (tmp_path / "list.txt").write_text("".join(f"n01/{n}.jpg {i}\n" for i, n in enumerate("abcd")))
+    spec = {"kind": kind, "root": str(tmp_path)} | ({"list_file": "list.txt"} if kind == "image_list" else {})
+    module = ViTDataModule(val=spec, batch_size=2, img_size=16, num_workers=0)
+    module.setup()
+    with pytest.warns(UserWarning) as caught:
+        samples = [module.val_set[i] for i in range(4)]
+    messages = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert any("b.jpg" in m for m in messages) and any("c.jpg" in m and "2 skipped" in m for m in messages)
+    assert [label for _, label in samples] == ([0, 3, 3, 3] if kind == "image_list" else [0, 0, 0, 0])
+    assert all(img.shape == (3, 16, 16) for img, _ in samples)
+
+    strict = ViTDataModule(val=spec, batch_size=2, img_size=16, num_workers=0, strict=True)
+    strict.setup()
+    with pytest.raises(UnreadableImageError, match=r"cannot read image .*b\.jpg .*data\.strict=false"):
+        strict.val_set[1]
 
 
 # ---- transforms ----------------------------------------------------------------------------------

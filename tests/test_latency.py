@@ -227,6 +227,13 @@ def test_load_or_profile_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(profiler, "profile_lut", lambda *a, **k: pytest.fail("cached table not reused"))
     cached = profiler.load_or_profile(path, **kwargs)
     torch.testing.assert_close(cached.block_ms, table.block_ms)
+    monkeypatch.undo()
+    monkeypatch.setitem(profiler.PRESETS, "tiny_test", TINY_GRID)
+    path.write_text(path.read_text()[:100])  # a truncated cache (e.g. an interrupted write) is rebuilt
+    rebuilt = profiler.load_or_profile(path, **kwargs, repeats=1, warmup=1, rounds=1, stack=2, num_classes=10,
+                                       progress=False)
+    assert rebuilt.meta["model"] == "tiny_test" and profiler.LookupTableLatency.load(path).meta["tokens"] == 17
+    assert not path.with_name(path.name + ".partial").exists()
 
 
 def test_latency_penalty_with_layers_at_their_last_group() -> None:

@@ -7,6 +7,7 @@ from .datasets import (
     ImageNetFolders,
     ImageNetSample,
     SyntheticImages,
+    UnreadableImageError,
     read_synsets,
     require_path,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ImageNetFolders",
     "ImageNetSample",
     "SyntheticImages",
+    "UnreadableImageError",
     "ViTDataModule",
     "build_dataset",
     "check_spec",

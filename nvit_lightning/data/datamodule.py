@@ -18,6 +18,7 @@ from .datasets import (
     ImageListDataset,
     ImageNetFolders,
     ImageNetSample,
+    SkipsUnreadable,
     SyntheticImages,
     Transform,
     require_path,
@@ -92,6 +93,16 @@ def first_n(dataset: Dataset, n: int | None) -> Dataset:
     return Subset(dataset, range(n))
 
 
+def num_labels(dataset: Dataset) -> int | None:
+    """Largest label + 1 of a dataset that lists its labels (`targets`, or `samples` of (..., label))."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    labels = getattr(dataset, "targets", None)
+    if labels is None and hasattr(dataset, "samples"):
+        labels = [sample[-1] for sample in dataset.samples]
+    return max(labels) + 1 if labels else None
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A shuffle that is a function of (seed, epoch) only, so a run resumed from a checkpoint sees the
     same batches as an uninterrupted one (Lightning calls `set_epoch` at every epoch start; under DDP
@@ -142,11 +153,14 @@ class ViTDataModule(L.LightningDataModule):
         train_limit: int | None = None,
         val_limit: int | None = None,
         seed: int = 0,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if train is None and val is None:
             raise ValueError("ViTDataModule needs a train or a val dataset spec")
         # synthetic train and val sets get different default seeds so they are not the same images
+        self.img_size = img_size
+        self.strict = strict  # unreadable images: stop naming the file (True) or skip with a warning
         self.train_spec = self._with_defaults(train, img_size, seed)
         self.val_spec = self._with_defaults(val, img_size, seed + 1)
         for spec in (self.train_spec, self.val_spec):
@@ -180,9 +194,21 @@ class ViTDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and self.train_spec is not None:
-            self.train_set = first_n(build_dataset(self.train_spec, self.train_tf), self.train_limit)
+            self.train_set = first_n(self._build(self.train_spec, self.train_tf), self.train_limit)
         if self.val_set is None and self.val_spec is not None:
-            self.val_set = first_n(build_dataset(self.val_spec, self.eval_tf), self.val_limit)
+            self.val_set = first_n(self._build(self.val_spec, self.eval_tf), self.val_limit)
+
+    def _build(self, spec: Mapping[str, Any], transform: Transform) -> Dataset:
+        dataset = build_dataset(spec, transform)
+        if isinstance(dataset, SkipsUnreadable):
+            dataset.strict = self.strict
+        return dataset
+
+    def num_labels(self) -> int | None:
+        """Largest label + 1 over the train and val sets (after `setup`), where the datasets list them."""
+        counts = [num_labels(d) for d in (self.train_set, self.val_set) if d is not None]
+        counts = [c for c in counts if c is not None]
+        return max(counts) if counts else None
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

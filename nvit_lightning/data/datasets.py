@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +42,48 @@ def _load_rgb(source: PathLike | io.BytesIO) -> Image.Image:
         return img.convert("RGB")
 
 
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (truncated, not an image), with `strict` reading."""
+
+
+class SkipsUnreadable(Dataset):
+    """Base of the file-backed datasets: `_read(i)` gives (PIL image, label), `_source(i)` names the file.
+
+    An unreadable image (a truncated JPEG, a non-image file: a real ImageNet copy has such files) is
+    replaced by the next readable sample with a warning naming it and counting the skips so far
+    (per worker), or, with `strict = True`, stops the run naming the file.
+    """
+
+    transform: Transform | None = None
+    strict = False
+    skipped = 0
+
+    def _read(self, i: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def _source(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[object, int]:
+        n = len(self)
+        for j in range(i, i + n):
+            try:
+                image, label = self._read(j % n)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                self._unreadable(j % n, err)
+                continue
+            return _apply(self.transform, image), label
+        raise UnreadableImageError(f"no image of {type(self).__name__} can be read")
+
+    def _unreadable(self, i: int, err: BaseException) -> None:
+        if self.strict:
+            raise UnreadableImageError(f"cannot read image {self._source(i)} ({err}): remove or replace it, or "
+                                       f"set data.strict=false to skip unreadable images") from None
+        self.skipped += 1
+        warnings.warn(f"skipping unreadable image {self._source(i)} ({err}); {self.skipped} skipped so far",
+                      stacklevel=3)
+
+
 def _apply(transform: Transform | None, img: Image.Image) -> object:
     return T.functional.to_tensor(img) if transform is None else transform(img)
 
@@ -52,7 +95,7 @@ def read_synsets(path: PathLike) -> list[str]:
     return [line.split(maxsplit=1)[0] for line in lines if line.strip()]
 
 
-class ImageNetSample(Dataset):
+class ImageNetSample(SkipsUnreadable):
     """``<wnid>_<name>.JPEG`` files in one folder; the label is the wnid's index in synset_words.txt.
 
     The synset file is ``synsets_file``, else ``root/../imagenet_labels/synset_words.txt`` or
@@ -99,12 +142,15 @@ class ImageNetSample(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[object, int]:
+    def _read(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.samples[i]
-        return _apply(self.transform, _load_rgb(path)), label
+        return _load_rgb(path), label
+
+    def _source(self, i: int) -> str:
+        return str(self.samples[i][0])
 
 
-class ImageListDataset(Dataset):
+class ImageListDataset(SkipsUnreadable):
     """Images listed in a text file, one ``path, label`` (or ``path label``) per line.
 
     Paths are relative to ``root``; so is ``list_file`` unless absolute. This reads the 1300-image
@@ -132,20 +178,32 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[object, int]:
+    def _read(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.samples[i]
-        return _apply(self.transform, _load_rgb(path)), label
+        return _load_rgb(path), label
+
+    def _source(self, i: int) -> str:
+        return str(self.samples[i][0])
 
 
-class ImageNetFolders(ImageFolder):
+class ImageNetFolders(ImageFolder, SkipsUnreadable):
     """A standard ``train/`` or ``val/`` tree with one sub-folder per wnid (torchvision ImageFolder)."""
 
     def __init__(self, root: PathLike, transform: Transform | None = None) -> None:
         root = require_path(root, "image folder")
-        super().__init__(str(root), transform=transform or T.ToTensor())
+        super().__init__(str(root), transform=transform)
+
+    __getitem__ = SkipsUnreadable.__getitem__
+
+    def _read(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        return _load_rgb(path), label
+
+    def _source(self, i: int) -> str:
+        return self.samples[i][0]
 
 
-class Cifar10Tar(Dataset):
+class Cifar10Tar(SkipsUnreadable):
     """CIFAR-10 JPEGs in one uncompressed tar, ``<class>/<NNNN>.jpg``; labels = sorted class folders.
 
     The member offsets are indexed once; images are read with ``os.pread`` from a file opened lazily
@@ -174,12 +232,14 @@ class Cifar10Tar(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[object, int]:
+    def _read(self, i: int) -> tuple[Image.Image, int]:
         if self._file is None:
             self._file = open(self.tar_path, "rb")  # noqa: SIM115 (kept open for the dataset's life)
         offset, size, label = self.samples[i]
-        data = os.pread(self._file.fileno(), size, offset)
-        return _apply(self.transform, _load_rgb(io.BytesIO(data))), label
+        return _load_rgb(io.BytesIO(os.pread(self._file.fileno(), size, offset))), label
+
+    def _source(self, i: int) -> str:
+        return f"{self.tar_path} (member {i})"
 
 
 class SyntheticImages(Dataset):

@@ -278,11 +278,21 @@ class PrunableViT(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a directory written by "
                                         f"PrunableViT.save_pretrained")
-        config = json.loads(config_path.read_text())
-        if config.pop("architecture", None) != "PrunableViT":
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_path} is corrupt ({err}): write the model again with save_pretrained") from None
+        if not isinstance(config, dict) or config.pop("architecture", None) != "PrunableViT":
             raise ValueError(f"{config_path} does not describe a PrunableViT")
-        model = cls(**config)
-        load_checked_state_dict(model, load_file(str(weights_path), device=map_location), str(weights_path))
+        try:
+            model = cls(**config)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{config_path} holds an invalid PrunableViT config ({err})") from None
+        try:
+            state = load_file(str(weights_path), device=map_location)
+        except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({err})") from None
+        load_checked_state_dict(model, state, str(weights_path))
         return model
 
 

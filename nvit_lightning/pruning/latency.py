@@ -123,6 +123,10 @@ def _json_numbers(t: Tensor) -> list:
     return [int(v) if float(v).is_integer() else float(v) for v in t.tolist()]
 
 
+class CorruptTableError(ValueError):
+    """A latency-table file that cannot be parsed."""
+
+
 class LookupTableLatency(LatencyModel):
     """Per-block latency on a 5-D grid, multilinearly interpolated (exact at grid points).
 
@@ -212,7 +216,9 @@ class LookupTableLatency(LatencyModel):
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_dumps_compact(self.to_dict()) + "\n")
+        partial = path.with_name(path.name + ".partial")  # an interrupted write never leaves a truncated table
+        partial.write_text(_dumps_compact(self.to_dict()) + "\n")
+        partial.replace(path)
         return path
 
     @classmethod
@@ -232,7 +238,11 @@ class LookupTableLatency(LatencyModel):
         if not path.is_file():
             raise FileNotFoundError(f"latency table {path} not found; profile one with "
                                     f"`python -m nvit_lightning.pruning.profiler profile --out {path} ...`")
-        table = cls.from_dict(json.loads(path.read_text()), str(path))
+        try:
+            table = cls.from_dict(json.loads(path.read_text()), str(path))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as err:
+            raise CorruptTableError(f"latency table {path} is corrupt ({type(err).__name__}: {err}); delete it (a "
+                             f"profiled table is rebuilt at the next run) or set latency.path") from None
         tokens = table.meta.get("tokens")
         if expect_tokens is not None and tokens != expect_tokens:
             raise ValueError(

@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..models.dims import ViTDims
 from ..models.vit import CONFIG_FILE, WEIGHTS_FILE, Block, PrunableViT
 from ..timing import measure_ms, steady_malloc
-from .latency import AXES, LookupTableLatency
+from .latency import AXES, CorruptTableError, LookupTableLatency
 
 # Grids span the smallest dims the pruner can reach (one group of each type: EMB 16, 1 head, QK/V 8,
 # MLP 16) up to the dense model, so every architecture met while pruning is inside the table.
@@ -214,11 +214,15 @@ def load_or_profile(path: str | Path, preset: str = "deit_tiny", tokens: int = 1
                   dtype=str(_torch_dtype(dtype)).removeprefix("torch."), grid=grid)
     path = Path(path)
     if path.is_file():
-        table = LookupTableLatency.load(path)
-        stale = {k: (table.meta.get(k), v) for k, v in wanted.items() if table.meta.get(k) != v}
-        if not stale:
-            return table
-        print(f"latency table {path} does not match ({stale}); profiling a new one")
+        try:
+            table = LookupTableLatency.load(path)
+        except CorruptTableError as err:
+            print(f"{err}; profiling a new one")
+        else:
+            stale = {k: (table.meta.get(k), v) for k, v in wanted.items() if table.meta.get(k) != v}
+            if not stale:
+                return table
+            print(f"latency table {path} does not match ({stale}); profiling a new one")
     table = profile_lut(grid, tokens=tokens, batch_size=batch_size, device=device, dtype=dtype,
                         model=preset, **profile_kwargs)  # type: ignore[arg-type]
     table.save(path)
