@@ -45,6 +45,24 @@ def make_module(cfg: DictConfig, model, stage: str, teacher=None, step_offset: i
         cnn_alpha=d.cnn_alpha, max_nonfinite_skips=cfg.max_nonfinite_skips, stage=stage, step_offset=step_offset)
 
 
+def resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """`ckpt_path=last`: the newest stage-1 checkpoint of this run dir; a path: that file. A fresh run
+    into a dir that already holds checkpoints overwrites them, with a warning."""
+    existing = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if ckpt_path == "last":
+        if not existing:
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoint in {checkpoint_dir} (set hydra.run.dir to the "
+                                    f"run to resume, or ckpt_path=<file>)")
+        return str(existing[-1])
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path {ckpt_path} not found (ckpt_path=last resumes the newest checkpoint "
+                                f"of hydra.run.dir)")
+    if ckpt_path is None and existing and is_rank_zero():
+        log.warning(f"{checkpoint_dir} already holds checkpoints of an earlier run: this fresh run overwrites "
+                    f"them (resume with ckpt_path=last instead)")
+    return ckpt_path
+
+
 def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     datamodule, model, latency_model = build_run(cfg)
@@ -65,11 +83,11 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_all(cfg.logger) or False
     trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
                           logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
     if not pruning.done:
         raise ValueError(f"pruning stopped at {pruning.pruner.latency_ratio():.3f} of the dense latency, "
                          f"before the target {cfg.pruner.target}: raise schedule.prune_max_epochs or "
-                         f"pruner.groups_per_event, and resume with ckpt_path=<run>/checkpoints/last.ckpt")
+                         f"pruner.groups_per_event, and resume with hydra.run.dir=<run> ckpt_path=last")
     compact = module.student.compact()
 
     # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------

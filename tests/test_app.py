@@ -141,7 +141,7 @@ def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, override
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=instantiate(cfg.data), ckpt_path=ckpt_path)
     return {"masks": {k: v.clone() for k, v in model.masks().items()}, "history": pruning.history,
-            "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+            "weights": {k: v.clone() for k, v in model.state_dict().items()}, "steps": trainer.global_step}
 
 
 @pytest.mark.parametrize("criterion", ["hessian", "random"])
@@ -157,6 +157,29 @@ def test_resume_mid_pruning_continues_exactly(criterion: str, tmp_path: Path) ->
         assert torch.equal(resumed["masks"][key], mask), key
     for key, value in full["weights"].items():
         torch.testing.assert_close(resumed["weights"][key], value)
+
+
+def test_resume_after_every_target_skips_the_pruning_stage(tmp_path: Path) -> None:
+    overrides = ["pruner.interval=2", "pruner.groups_per_event=4", "pruner.target=0.5", "pruner.group_sizes.emb=8"]
+    first = _fit_stage1(tmp_path, 6, None, overrides)
+    assert first["history"][-1]["latency_ratio"] <= 0.5 and first["steps"] < 6 * 4  # stopped at the target
+    resumed = _fit_stage1(tmp_path, 12, str(tmp_path / "ckpt" / "last.ckpt"), overrides)
+    assert resumed["steps"] == first["steps"] and resumed["history"] == first["history"]
+    for key, value in first["weights"].items():
+        assert torch.equal(resumed["weights"][key], value), key
+
+
+def test_ckpt_path_last_resolves_the_newest_checkpoint(tmp_path: Path) -> None:
+    import train
+
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoint in"):
+        train.resume_path("last", tmp_path)
+    (tmp_path / "epoch=0.ckpt").write_text("")
+    os.utime(tmp_path / "epoch=0.ckpt", (1, 1))
+    (tmp_path / "last.ckpt").write_text("")
+    assert train.resume_path("last", tmp_path) == str(tmp_path / "last.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path /nowhere\.ckpt not found"):
+        train.resume_path("/nowhere.ckpt", tmp_path)
 
 
 def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:

@@ -73,6 +73,12 @@ class GlobalPruning(L.Callback):
         return self.pruner is not None and self.pruner.done
 
     # ---- the loop ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.done:  # resumed from a checkpoint that reached every target: straight on to compaction
+            if trainer.is_global_zero:
+                log.info("every latency target was already reached in the checkpoint: pruning stage skipped")
+            trainer.should_stop = True
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if not self.done and self.criterion.needs_gradients:
