@@ -202,6 +202,7 @@ def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:
     (["distill.finetune_temperature=-1"], "distill.finetune_temperature must be > 0"),
     (["max_nonfinite_skips=-1"], "max_nonfinite_skips must be >= 0"),
     (["pruner.target=abc"], "pruner.target must be a number, got 'abc'"),
+    (["distill=none", "reconstruct=true"], r"reconstruction at pruning events needs the dense teacher"),
     (["+pruner.etaa=1"], r"unknown pruner key\(s\) \['etaa'\]"),
     (["data.img_size=64"], "data.img_size=64 but the model takes 32x32 images: set data.img_size=32"),
     (["data.train.num_classes=20"], "the data has labels up to 19, but the model has 10 classes"),
@@ -266,6 +267,17 @@ def test_stages_log_under_their_prefix_on_one_step_axis(logger: str, tmp_path: P
     assert min(finetune) > max(prune)  # stage 2 continues the step axis
     assert max(steps["prune/val/top1"]) <= min(finetune) <= max(finetune) <= max(steps["finetune/val/top1"])
     assert "train/loss" not in steps
+
+
+def test_reconstruction_without_teacher_fails_before_training(tmp_path: Path) -> None:
+    import train
+    from nvit_lightning.callbacks import GlobalPruning
+
+    cfg = compose_cfg("train", [*SMALL, "distill=none"], tmp_path)
+    pruning = GlobalPruning(build(cfg.latency), reconstruction=build(cfg.reconstruction), **cfg.pruner)
+    module = train.make_module(cfg, build(cfg.model), "prune")
+    with pytest.raises(ValueError, match="needs the dense teacher"):
+        pruning.setup(None, module, "fit")  # Lightning's first callback hook, before any step
 
 
 def test_unwritable_output_dir_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ class GlobalPruning(L.Callback):
             latency_step=self.latency_step, kinds=self.kinds, **self.criterion_kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reconstruction is not None and getattr(pl_module, "teacher", None) is None:
+            raise ValueError("reconstruction at pruning events needs the dense teacher (distill.kl_weight > 0), "
+                             "or set reconstruct=false")
         if stage == "fit" and self.structure is None:
             self.build(pl_module.student)
         if self._pending_state is not None:
@@ -111,8 +114,6 @@ class GlobalPruning(L.Callback):
     def _reconstruct(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refit the student against the frozen dense teacher on the datamodule's calibration batches
         (the same on every rank, so DDP replicas stay identical)."""
-        if pl_module.teacher is None:
-            raise ValueError("reconstruction at pruning events needs the dense teacher (distill.kl_weight > 0)")
         batches = list(trainer.datamodule.calib_dataloader(self.reconstruction.batches))
         was_training = pl_module.student.training
         results = self.reconstruction(pl_module.student, pl_module.teacher, batches, pl_module.device,
