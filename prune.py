@@ -66,7 +66,6 @@ def prune(cfg: DictConfig) -> dict:
     _, criterion, pruner = build_pruning(model, latency_model, **pruning_options(cfg.pruner))
     reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
     save_config(cfg, out_dir)
-    datamodule.setup()
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
     dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=False)
 

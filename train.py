@@ -74,7 +74,6 @@ def train(cfg: DictConfig) -> dict:
     if is_rank_zero():
         save_config(cfg, out_dir)
         log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
-        datamodule.setup()
         dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=False)
 
     # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ----------

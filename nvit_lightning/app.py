@@ -22,6 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .evaluation import evaluate
 from .models import PrunableViT
+from .module import check_training_options
 from .pruning import build_pruning
 from .pruning.latency import LatencyModel
 from .report import model_entry
@@ -108,8 +109,9 @@ def check_pruner_config(cfg: DictConfig) -> None:
                          f"{sorted(known | {'target', 'snapshots', 'interval'})}")
     for key in ("target", "eta"):
         _number(p[key], f"pruner.{key}")
-    for t in [p.target, *p.snapshots]:
+    for t in p.snapshots:
         _number(t, "pruner.snapshots")
+    for t in [p.target, *p.snapshots]:
         if not 0.0 < float(t) < 1.0:
             raise ValueError(f"latency targets must lie strictly between 0 and 1 (pruner.target, "
                              f"pruner.snapshots), got {t}")
@@ -132,7 +134,7 @@ def check_trainer_config(cfg: DictConfig) -> None:
     if str(t.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible: use trainer=cpu")
     devices = t.get("devices")
-    if (isinstance(devices, int) and devices == 0) or (isinstance(devices, int) and devices < -1):
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
         raise ValueError(f"trainer.devices must be a positive count, -1 (all) or 'auto', got {devices}")
 
 
@@ -159,15 +161,10 @@ def make_output_dir(path: str | Path) -> Path:
 
 
 def check_distill_config(cfg: DictConfig) -> None:
-    """Distillation values that would only fail (or turn the loss into NaN) deep inside training."""
+    """The training-module options of both stages, checked at start-up rather than when each is built."""
     d = cfg.distill
-    if float(d.kl_weight) < 0:
-        raise ValueError(f"distill.kl_weight must be >= 0, got {d.kl_weight}")
-    for key in ("temperature", "finetune_temperature"):
-        if float(d.kl_weight) > 0 and not float(d[key]) > 0:
-            raise ValueError(f"distill.{key} must be > 0, got {d[key]}")
-    if int(cfg.get("max_nonfinite_skips", 0)) < 0:
-        raise ValueError(f"max_nonfinite_skips must be >= 0, got {cfg.max_nonfinite_skips}")
+    temperatures = {key: float(d[key]) for key in ("temperature", "finetune_temperature")}
+    check_training_options(float(d.kl_weight), temperatures, int(cfg.get("max_nonfinite_skips", 0)))
 
 
 def pruning_options(pruner: DictConfig) -> dict[str, Any]:

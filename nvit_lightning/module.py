@@ -26,6 +26,17 @@ class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite (more often than `max_nonfinite_skips` allows)."""
 
 
+def check_training_options(kl_weight: float, temperatures: dict[str, float], max_nonfinite_skips: int) -> None:
+    """Values that would only fail (or turn the loss into NaN) deep inside training."""
+    if kl_weight < 0:
+        raise ValueError(f"distill.kl_weight must be >= 0, got {kl_weight}")
+    for key, value in temperatures.items():
+        if kl_weight > 0 and not value > 0:
+            raise ValueError(f"distill.{key} must be > 0, got {value}")
+    if max_nonfinite_skips < 0:
+        raise ValueError(f"max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}")
+
+
 def soft_distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """KL(teacher ‖ student) at temperature T, element-mean as in DeiT/NViT (so c_kl = 1e5 there)."""
     t = temperature
@@ -43,11 +54,7 @@ class NViTModule(L.LightningModule):
                  cnn_alpha: float = 0.5, max_nonfinite_skips: int = 0, stage: str = "prune",
                  step_offset: int = 0) -> None:
         super().__init__()
-        if kl_weight > 0 and not temperature > 0:
-            raise ValueError(f"the distillation temperature must be > 0 (distill.temperature / "
-                             f"distill.finetune_temperature), got {temperature}")
-        if max_nonfinite_skips < 0:
-            raise ValueError(f"max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}")
+        check_training_options(kl_weight, {"temperature": temperature}, max_nonfinite_skips)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "teacher", "cnn_teacher"])
         self.student = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler

@@ -58,11 +58,14 @@ class SkipsUnreadable(Dataset):
     strict = False
     skipped = 0
 
+    samples: list  # (path, label) per image; datasets with other sample layouts override _read/_source
+
     def _read(self, i: int) -> tuple[Image.Image, int]:
-        raise NotImplementedError
+        path, label = self.samples[i]
+        return _load_rgb(path), label
 
     def _source(self, i: int) -> str:
-        raise NotImplementedError
+        return str(self.samples[i][0])
 
     def __getitem__(self, i: int) -> tuple[object, int]:
         n = len(self)
@@ -142,13 +145,6 @@ class ImageNetSample(SkipsUnreadable):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read(self, i: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[i]
-        return _load_rgb(path), label
-
-    def _source(self, i: int) -> str:
-        return str(self.samples[i][0])
-
 
 class ImageListDataset(SkipsUnreadable):
     """Images listed in a text file, one ``path, label`` (or ``path label``) per line.
@@ -178,13 +174,6 @@ class ImageListDataset(SkipsUnreadable):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read(self, i: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[i]
-        return _load_rgb(path), label
-
-    def _source(self, i: int) -> str:
-        return str(self.samples[i][0])
-
 
 class ImageNetFolders(ImageFolder, SkipsUnreadable):
     """A standard ``train/`` or ``val/`` tree with one sub-folder per wnid (torchvision ImageFolder)."""
@@ -194,13 +183,6 @@ class ImageNetFolders(ImageFolder, SkipsUnreadable):
         super().__init__(str(root), transform=transform)
 
     __getitem__ = SkipsUnreadable.__getitem__
-
-    def _read(self, i: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[i]
-        return _load_rgb(path), label
-
-    def _source(self, i: int) -> str:
-        return self.samples[i][0]
 
 
 class Cifar10Tar(SkipsUnreadable):
