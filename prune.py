@@ -3,12 +3,14 @@
     python prune.py                                   # DeiT-Tiny to 0.7x CPU latency (conf/prune.yaml)
     python prune.py pruner=magnitude recovery_steps=100
     python prune.py mode=export checkpoint=outputs/train/<run>/checkpoints/last.ckpt
+    python prune.py pruner=ovit                       # oViT: one sparse model per sparsity level
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -20,16 +22,19 @@ from nvit_lightning.app import (
     build_run,
     cli_errors,
     describe_model,
+    is_sparsifier,
     log,
     measure_side_by_side,
     pruning_options,
     save_config,
     setup_environment,
 )
+from nvit_lightning.evaluation import evaluate
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.oneshot import prune_one_shot, recover
 from nvit_lightning.pruning import build_pruning
-from nvit_lightning.report import summary_table, write_report
+from nvit_lightning.report import sparsity_table, summary_table, write_report, write_sparsity_report
+from nvit_lightning.sparsity import layer_sparsity
 
 
 def load_train_checkpoint(path: str) -> PrunableViT:
@@ -103,10 +108,48 @@ def prune(cfg: DictConfig) -> dict:
     return report
 
 
+def sparsify(cfg: DictConfig) -> dict:
+    """`pruner=ovit | woodfisher | global_magnitude`: one sparse model per level under sparse/."""
+    out_dir = Path(cfg.paths.output_dir)
+    sparsifier = build(cfg.pruner)  # bad options fail before any model or data is loaded
+    if cfg.recovery_steps > 0:
+        raise ValueError("recovery_steps works with structural pruning only: a plain fine-tune would refill "
+                         "the zeros of a sparse model (set recovery_steps=0)")
+    datamodule, model, _ = build_run(cfg)
+    dense = model.compact().eval()  # mask-free: dead structures are gone, not counted as zeros
+    save_config(cfg, out_dir)
+
+    def accuracy(m: torch.nn.Module, name: str) -> dict:
+        if not cfg.evaluate or datamodule.val_spec is None:
+            return {}
+        return evaluate(m, datamodule.val_dataloader(), desc=f"evaluate {name}")
+
+    report_dense = {"params": dense.num_params(), **accuracy(dense, "dense")}
+    num_grads = getattr(sparsifier, "num_grads", 0)
+    batches = datamodule.calib_dataloader(max(1, math.ceil(num_grads / datamodule.batch_size)))
+    levels = []
+    for level, sparse in sparsifier(dense, batches).items():
+        path = sparse.save_pretrained(out_dir / "sparse" / f"sparsity_{level:.2f}")
+        achieved, layers = layer_sparsity(sparse, list(sparsifier.layers(sparse)))
+        levels.append({"sparsity": level, "achieved": achieved, "dir": str(path),
+                       **accuracy(sparse, f"sparsity {level:.2f}"), "layers": layers})
+    report = write_sparsity_report(out_dir / "report.json", report_dense, levels,
+                                   method=sparsifier.name, pattern=sparsifier.pattern,
+                                   distribution=sparsifier.distribution,
+                                   pruner=OmegaConf.to_container(cfg.pruner, resolve=True))
+    print(f"\n{sparsity_table(report)}\n\nreport: {out_dir / 'report.json'}")
+    return report
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="prune")
 @cli_errors
 def main(cfg: DictConfig) -> None:
-    export(cfg) if cfg.mode == "export" else prune(cfg) if cfg.mode == "prune" else _bad_mode(cfg.mode)
+    if cfg.mode == "export":
+        export(cfg)
+    elif cfg.mode == "prune":
+        sparsify(cfg) if is_sparsifier(cfg.pruner) else prune(cfg)
+    else:
+        _bad_mode(cfg.mode)
 
 
 def _bad_mode(mode: str) -> None:

@@ -21,6 +21,7 @@ from nvit_lightning.app import (
     cli_errors,
     describe_model,
     is_rank_zero,
+    is_sparsifier,
     log,
     measure_side_by_side,
     save_config,
@@ -65,6 +66,9 @@ def resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
+    if is_sparsifier(cfg.pruner):
+        raise ValueError(f"{cfg.pruner._target_.rsplit('.', 1)[-1]} sparsifies weights one-shot: run it with "
+                         f"prune.py (e.g. python prune.py pruner=ovit); train.py prunes structures")
     datamodule, model, latency_model = build_run(cfg)
     dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
     reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None

@@ -75,6 +75,10 @@ def build(cfg: DictConfig, **kwargs: Any) -> Any:
     except InstantiationException as err:
         if isinstance(err.__cause__, USER_ERRORS):
             raise err.__cause__ from None
+        if isinstance(err.__cause__, TypeError) and "keyword argument" in str(err.__cause__):
+            target = str(cfg.get("_target_", "")).rsplit(".", 1)[-1]
+            raise ValueError(f"bad config option for {target}: {err.__cause__} (see its config file under "
+                             f"conf/ for the options it takes)") from None
         raise
 
 
@@ -99,9 +103,17 @@ def check_latency_model(latency_model: LatencyModel, model: PrunableViT) -> None
         raise ValueError(f"the latency model does not cover this model: {err}") from None
 
 
+def is_sparsifier(pruner: DictConfig) -> bool:
+    """`pruner=ovit | woodfisher | global_magnitude`: a `_target_` sparsifier (its class checks its own
+    options), rather than the structural pruner's options."""
+    return "_target_" in pruner
+
+
 def check_pruner_config(cfg: DictConfig) -> None:
     """Bad pruner values fail here, before any model or data is loaded."""
     p = cfg.pruner
+    if is_sparsifier(p):
+        return
     known = set(inspect.signature(build_pruning).parameters) - {"model", "latency_model", "targets"}
     unknown = sorted(set(p) - known - {"target", "snapshots", "interval"})
     if unknown:

@@ -75,3 +75,27 @@ def summary_table(report: dict) -> str:
                      f"batch {timing['setup']['batch_size']}; timm = timm's own dense module"
                      f"{'; NOISY: the machine was busy' if timing.get('noisy') else ''})")
     return title + "\n" + "\n".join(lines)
+
+
+def write_sparsity_report(path: str | Path, dense: dict, levels: list[dict], **extra: Any) -> dict:
+    """report.json of `prune.py pruner=ovit | woodfisher | global_magnitude`: the dense model and one
+    entry per sparsity level (top-1/top-5, model directory, per-layer sparsity)."""
+    report = {"dense": dense, "sparse": levels, **extra}
+    Path(path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def sparsity_table(report: dict) -> str:
+    """One row per sparsity level: achieved sparsity, accuracy, model directory."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    dense = report["dense"]
+    rows = [("dense", "0.000", pct(dense.get("top1")), pct(dense.get("top5")), "")]
+    rows += [(f"{e['sparsity']:.2f}", f"{e['achieved']:.3f}", pct(e.get("top1")), pct(e.get("top5")), e["dir"])
+             for e in report["sparse"]]
+    header = ("sparsity", "achieved", "top-1 (%)", "top-5 (%)", "model")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return f"{report['method']} · {report['pattern']} · {report['distribution']}\n" + "\n".join(lines)

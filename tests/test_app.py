@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from nvit_lightning.app import build, setup_environment
+from nvit_lightning.app import build, build_run, setup_environment
 from nvit_lightning.models import NonFiniteWeightsError, PrunableViT
 from nvit_lightning.module import NonFiniteLossError, NViTModule
 
@@ -334,7 +334,8 @@ def test_help_describes_the_application(script: str, tmp_path: Path) -> None:
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith(f"{script}: ") and f"python {script}" in result.stdout
-    assert "pruner: hessian, magnitude, random, taylor" in result.stdout  # the config groups
+    groups = "pruner: global_magnitude, hessian, magnitude, oneshot, ovit, random, taylor, woodfisher"
+    assert groups in result.stdout  # the config groups
     assert "target:" in result.stdout and "README.md" in result.stdout
 
 
@@ -349,3 +350,63 @@ def test_multirun_sweep_writes_one_report_per_job(tmp_path: Path) -> None:
     assert len(reports) == 4
     seen = {(json.loads(r.read_text())["eta"], json.loads(r.read_text())["target_latency"]) for r in reports}
     assert seen == {(0.0, 0.5), (0.0, 0.7), (1e-6, 0.5), (1e-6, 0.7)}
+
+
+SPARSE_SMALL = [o for o in SMALL if o not in ALL_KINDS]
+
+
+def run_sparsify(overrides: list[str], out_dir: Path) -> dict:
+    import prune
+
+    return prune.sparsify(compose_cfg("prune", [*SPARSE_SMALL, *overrides], out_dir))
+
+
+@pytest.mark.parametrize("pruner", ["ovit", "woodfisher", "global_magnitude"])
+def test_prune_sparsify_writes_one_model_per_level(pruner: str, tmp_path: Path) -> None:
+    report = run_sparsify([f"pruner={pruner}", "pruner.sparsities=[0.4,0.7]", "data.batch_size=8",
+                           *(["pruner.num_grads=16", "pruner.block_size=16"] if pruner != "global_magnitude" else [])],
+                          tmp_path)
+    assert [e["sparsity"] for e in report["sparse"]] == [0.4, 0.7]
+    dense = build_run(compose_cfg("prune", SPARSE_SMALL, tmp_path / "dense"))[1].compact()  # same seed
+    for entry in report["sparse"]:
+        model = PrunableViT.from_pretrained(entry["dir"])
+        assert model.dims == dense.dims and not model.masked
+        weights = [m.weight for n, m in model.named_modules() if n.startswith("blocks.") and n.endswith(
+            ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"))]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        assert abs(zeros - entry["sparsity"]) < 1e-3 and abs(entry["achieved"] - zeros) < 1e-9
+        assert set(entry["layers"]) == {f"blocks.{i}.{n}" for i in range(2) for n in
+                                        ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        assert 0.0 <= entry["top1"] <= 100.0 and entry["top5"] >= entry["top1"]
+        # the layers outside the sparsified set keep the dense weights exactly
+        torch.testing.assert_close(model.head.weight, dense.head.weight)
+    assert json.loads((tmp_path / "report.json").read_text())["sparse"][0]["dir"] == report["sparse"][0]["dir"]
+
+
+def test_prune_sparsify_a_compact_nvit_model(tmp_path: Path) -> None:
+    """NViT + oViT: a compacted structurally pruned model (model=from_dir) is sparsified as it is."""
+    compact = run_prune([*SMALL, "calib_batches=2", "pruner.group_sizes.emb=8", "pruner.target=0.6",
+                         "reconstruct=false"], tmp_path / "nvit")
+    report = run_sparsify(["pruner=ovit", "pruner.sparsities=[0.5]", "pruner.num_grads=16", "pruner.block_size=16",
+                           "model=from_dir", f"model.pretrained_dir={tmp_path / 'nvit' / 'model'}"],
+                          tmp_path / "ovit")
+    model = PrunableViT.from_pretrained(report["sparse"][0]["dir"])
+    assert model.dims.to_dict() == compact["pruned"]["dims"]
+    assert abs(report["sparse"][0]["achieved"] - 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["pruner=ovit", "pruner.pattern=2:4"], "set pruner.sparsities=null"),
+    (["pruner=ovit", "pruner.sparsities=[0.5,1.0]"], "strictly between 0 and 1"),
+    (["pruner=global_magnitude", "pruner.distribution=per_layer"], "pruner.distribution must be one of"),
+    (["pruner=ovit", "recovery_steps=5"], "recovery_steps works with structural pruning only"),
+    (["pruner=ovit", "+pruner.blocksize=4"], "bad config option for OBSSparsifier: .*blocksize"),
+])
+def test_bad_sparsifier_config_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_sparsify(overrides, tmp_path)
+
+
+def test_train_refuses_a_sparsifier(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"run it with prune\.py"):
+        run_train([*SPARSE_SMALL, "pruner=ovit"], tmp_path)
