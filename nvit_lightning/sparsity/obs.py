@@ -32,7 +32,7 @@ def _remove(w: Tensor, finv: Tensor, q: Tensor) -> None:
     col = finv[rows, :, q]  # rows, B  (F⁻¹ is symmetric: column q = row q)
     d = col[rows, q].clamp_min(1e-20)
     w.sub_((w[rows, q] / d)[:, None] * col)
-    finv.sub_(col[:, :, None] * (col / d[:, None])[:, None, :])
+    finv.baddbmm_(col[:, :, None], (col / d[:, None])[:, None, :], alpha=-1.0)  # rank-1, no B x B temporary
     # exactly zero, not rounding noise: later updates then leave the removed weights at exactly 0
     finv[rows, q, :] = 0.0
     finv[rows, :, q] = 0.0
