@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from .module import check_training_options
 from .pruning import build_pruning
 from .pruning.latency import LatencyModel
 from .report import model_entry
+from .sparsity import Sparsifier, layer_sparsity
 from .timing import prunable_spec, time_in_fresh_process, timm_spec
 
 log = logging.getLogger("nvit_lightning")
@@ -60,10 +62,27 @@ def _exit_with(err: BaseException) -> None:
     sys.exit(2)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+CHECKOUT_DIR = PACKAGE_DIR.parent  # in a source checkout: conf/ and data/ beside the package
+
+
+def is_checkout() -> bool:
+    return (CHECKOUT_DIR / "conf" / "train.yaml").is_file()
+
+
+def config_dir() -> Path:
+    """The Hydra configs: a source checkout's conf/, else the copy `pip install .` ships in the package."""
+    return CHECKOUT_DIR / "conf" if is_checkout() else PACKAGE_DIR / "conf"
+
+
 def setup_environment() -> None:
-    """Defaults every run wants: W&B offline unless told otherwise, repository root for configs."""
+    """Defaults every run wants: W&B offline unless told otherwise; data and outputs under the
+    checkout (any working directory), or, for an installed package, under the working directory
+    with the latency tables it ships."""
     os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("NVIT_ROOT", str(Path(__file__).resolve().parents[1]))
+    os.environ.setdefault("NVIT_ROOT", str(CHECKOUT_DIR) if is_checkout() else os.getcwd())
+    if not is_checkout():
+        os.environ.setdefault("NVIT_TABLES", str(PACKAGE_DIR / "latency_tables"))
     torch.set_float32_matmul_precision("high")
 
 
@@ -187,15 +206,35 @@ def pruning_options(pruner: DictConfig) -> dict[str, Any]:
     return options
 
 
+def val_accuracy(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, name: str) -> dict[str, float]:
+    """Top-1 / top-5 on data.val; empty with `evaluate=false` or without a validation set."""
+    if not cfg.evaluate or datamodule.val_spec is None:
+        return {}
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto") else "cpu"
+    return evaluate(model, datamodule.val_dataloader(), device, desc=f"evaluate {name}")
+
+
 def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: Any, cfg: DictConfig,
                    name: str, with_dims: bool) -> dict[str, Any]:
     """The report entry of one model: size, predicted latency, accuracy on data.val (measured latency
     comes later, from `measure_side_by_side`)."""
-    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto") else "cpu"
-    metrics = None
-    if cfg.evaluate and datamodule.val_spec is not None:
-        metrics = evaluate(model, datamodule.val_dataloader(), device, desc=f"evaluate {name}")
-    return model_entry(model, latency_model, None, metrics, with_dims)
+    return model_entry(model, latency_model, None, val_accuracy(model, datamodule, cfg, name) or None, with_dims)
+
+
+def calibration_batches(sparsifier: Sparsifier, datamodule: Any) -> Any:
+    """The sparsifier's calibration images: `num_grads` of data.train's fixed random subset (eval
+    transform), the same images on every pass (a Fisher in chunks reads them twice)."""
+    num_grads = getattr(sparsifier, "num_grads", 0)
+    return datamodule.calib_dataloader(max(1, math.ceil(num_grads / datamodule.batch_size)))
+
+
+def describe_sparse(model: PrunableViT, sparsifier: Sparsifier, level: float, path: str | Path, datamodule: Any,
+                    cfg: DictConfig) -> dict[str, Any]:
+    """The report entry of one sparse model: requested and achieved sparsity (over the sparsified
+    layers), its directory, accuracy on data.val, the sparsity of each layer."""
+    achieved, layers = layer_sparsity(model, list(sparsifier.layers(model)))
+    return {"sparsity": level, "achieved": achieved, "dir": str(path),
+            **val_accuracy(model, datamodule, cfg, f"sparsity {level:.2f}"), "layers": layers}
 
 
 def measure_side_by_side(dense: PrunableViT | dict, pruned: PrunableViT, latency_model: LatencyModel,

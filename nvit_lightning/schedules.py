@@ -24,3 +24,15 @@ def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def cyclic_linear(optimizer: Optimizer, total_steps: int, cycle_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
+    """oViT's sparsity sweep: every `cycle_steps` steps the lr restarts at the base lr and falls
+    linearly to `min_lr_ratio` x it by the end of the cycle."""
+    if cycle_steps < 1:
+        raise ValueError(f"cycle_steps must be >= 1, got {cycle_steps}")
+
+    def factor(step: int) -> float:
+        return 1.0 - (1.0 - min_lr_ratio) * (step % cycle_steps) / cycle_steps
+
+    return LambdaLR(optimizer, factor)

@@ -40,13 +40,13 @@ def compose_cfg(config: str, overrides: list[str], out_dir: Path) -> DictConfig:
 
 
 def run_train(overrides: list[str], out_dir: Path) -> dict:
-    import train
+    from nvit_lightning.cli import train
 
     return train.train(compose_cfg("train", [*QUIET_CALLBACKS, *overrides], out_dir))
 
 
 def run_prune(overrides: list[str], out_dir: Path) -> dict:
-    import prune
+    from nvit_lightning.cli import prune
 
     return prune.prune(compose_cfg("prune", overrides, out_dir))
 
@@ -112,7 +112,7 @@ def test_prune_one_shot_with_recovery_and_export(tmp_path: Path) -> None:
 def test_export_mode_compacts_a_train_checkpoint(tmp_path: Path) -> None:
     run_train([*SMALL, "pruner.interval=2", "pruner.groups_per_event=100", "pruner.group_sizes.emb=8",
                "schedule.prune_max_epochs=2", "schedule.finetune_epochs=0"], tmp_path / "train")
-    import prune
+    from nvit_lightning.cli import prune
 
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     cfg = compose_cfg("prune", [*SMALL, "mode=export", f"checkpoint={ckpt}"], tmp_path / "export")
@@ -128,8 +128,8 @@ def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, override
     import lightning as L
     from hydra.utils import instantiate
 
-    import train
     from nvit_lightning.callbacks import GlobalPruning
+    from nvit_lightning.cli import train
 
     cfg = compose_cfg("train", [*QUIET_CALLBACKS, *SMALL, *overrides], tmp_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -170,7 +170,7 @@ def test_resume_after_every_target_skips_the_pruning_stage(tmp_path: Path) -> No
 
 
 def test_ckpt_path_last_resolves_the_newest_checkpoint(tmp_path: Path) -> None:
-    import train
+    from nvit_lightning.cli import train
 
     with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoint in"):
         train.resume_path("last", tmp_path)
@@ -220,7 +220,7 @@ def test_bad_input_errors(overrides: list[str], message: str, tmp_path: Path) ->
 def test_diverging_run_stops_and_writes_no_model(stage_lr: str, tmp_path: Path) -> None:
     """A NaN loss in either stage stops the run with a one-line error; no model, snapshot or report."""
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at optimizer step"):
-        run_train([*SMALL, "pruner=random", "pruner.snapshots=[0.9]", "schedule.prune_max_epochs=3",
+        run_train([*SMALL, "pruner.criterion=random", "pruner.snapshots=[0.9]", "schedule.prune_max_epochs=3",
                    "schedule.finetune_epochs=3", stage_lr], tmp_path)
     assert not (tmp_path / "model").exists() and not (tmp_path / "report.json").exists()
     for snapshot in (tmp_path / "snapshots").glob("*/model.safetensors"):  # written before the NaN, if any
@@ -270,8 +270,8 @@ def test_stages_log_under_their_prefix_on_one_step_axis(logger: str, tmp_path: P
 
 
 def test_reconstruction_without_teacher_fails_before_training(tmp_path: Path) -> None:
-    import train
     from nvit_lightning.callbacks import GlobalPruning
+    from nvit_lightning.cli import train
 
     cfg = compose_cfg("train", [*SMALL, "distill=none"], tmp_path)
     pruning = GlobalPruning(build(cfg.latency), reconstruction=build(cfg.reconstruction), **cfg.pruner)
@@ -295,7 +295,7 @@ def test_corrupt_model_directory_names_the_file(broken: str, tmp_path: Path) -> 
 
 
 def test_garbage_checkpoint_for_export_is_one_error(tmp_path: Path) -> None:
-    import prune
+    from nvit_lightning.cli import prune
 
     (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"x\.ckpt is not a readable Lightning checkpoint"):
@@ -334,7 +334,7 @@ def test_help_describes_the_application(script: str, tmp_path: Path) -> None:
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith(f"{script}: ") and f"python {script}" in result.stdout
-    groups = "pruner: global_magnitude, hessian, magnitude, oneshot, ovit, random, taylor, woodfisher"
+    groups = "pruner: demo, global_magnitude, hessian, magnitude, oneshot, ovit, random, taylor, woodfisher"
     assert groups in result.stdout  # the config groups
     assert "target:" in result.stdout and "README.md" in result.stdout
 
@@ -356,7 +356,7 @@ SPARSE_SMALL = [o for o in SMALL if o not in ALL_KINDS]
 
 
 def run_sparsify(overrides: list[str], out_dir: Path) -> dict:
-    import prune
+    from nvit_lightning.cli import prune
 
     return prune.sparsify(compose_cfg("prune", [*SPARSE_SMALL, *overrides], out_dir))
 
@@ -407,6 +407,52 @@ def test_bad_sparsifier_config_errors(overrides: list[str], message: str, tmp_pa
         run_sparsify(overrides, tmp_path)
 
 
-def test_train_refuses_a_sparsifier(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"run it with prune\.py"):
+def test_train_with_a_sparsifier_needs_the_sweep_config(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"runs a sparsity sweep: use \+experiment=ovit_sweep"):
         run_train([*SPARSE_SMALL, "pruner=ovit"], tmp_path)
+
+
+SWEEP = ["+experiment=ovit_sweep", *SPARSE_SMALL, "pruner.sparsities=[0.3,0.5]", "pruner.num_grads=16",
+         "pruner.block_size=16", "sweep.steps_per_level=3", "data.batch_size=8", "data.train.num_samples=64"]
+
+
+def _zeros(path: str) -> dict[str, torch.Tensor]:
+    state = load_file(str(Path(path) / "model.safetensors"))
+    return {k: v == 0 for k, v in state.items() if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2}
+
+
+def test_sparsity_sweep_fine_tunes_each_level_with_fixed_zeros(tmp_path: Path) -> None:
+    report = run_train(SWEEP, tmp_path)
+    levels = report["sparse"]
+    assert [e["sparsity"] for e in levels] == [0.3, 0.5]
+    for entry in levels:  # fine-tuning after pruning revived no zero: exactly the requested sparsity
+        assert abs(entry["achieved"] - entry["sparsity"]) < 1e-3
+        assert 0.0 <= entry["top1"] <= 100.0
+    first, second = (_zeros(e["dir"]) for e in levels)
+    for key, zero in first.items():  # the 50 % model was pruned further from the fine-tuned 30 % one
+        assert bool((second[key] | ~zero).all()), key
+    dense = build_run(compose_cfg("train", SWEEP, tmp_path / "dense"))[1]
+    changed = [k for k, v in load_file(str(Path(levels[0]["dir"]) / "model.safetensors")).items()
+               if k == "head.weight" and not torch.equal(v, dense.state_dict()[k])]
+    assert changed == ["head.weight"]  # fine-tuned (not only sparsified) between the levels
+
+
+def test_sparsity_sweep_resumes_mid_sweep(tmp_path: Path) -> None:
+    """Stopped after the first level (its model saved, the second level's pruning checkpointed), the
+    resumed run does not redo the first level and ends with the same second-level zeros."""
+    full = run_train(SWEEP, tmp_path / "full")
+    from nvit_lightning.cli import train
+
+    cfg = compose_cfg("train", [*QUIET_CALLBACKS, *SWEEP], tmp_path / "part")
+    with pytest.raises(ValueError, match=r"the sweep stopped after \[0.3\] of \[0.3, 0.5\]"):
+        train.sparsity_sweep(cfg, max_steps=3)  # as if interrupted right after the first level
+    first_model = Path(tmp_path / "part" / "sparse" / "sparsity_0.30" / "model.safetensors")
+    written = first_model.stat().st_mtime_ns
+    cfg = compose_cfg("train", [*QUIET_CALLBACKS, *SWEEP, "ckpt_path=last"], tmp_path / "part")
+    resumed = train.sparsity_sweep(cfg)
+    assert first_model.stat().st_mtime_ns == written  # level 0.3 not redone
+    for a, b in zip(full["sparse"], resumed["sparse"]):
+        assert a["sparsity"] == b["sparsity"] and a["achieved"] == b["achieved"]
+    full_zeros, resumed_zeros = _zeros(full["sparse"][1]["dir"]), _zeros(resumed["sparse"][1]["dir"])
+    for key in full_zeros:
+        assert torch.equal(full_zeros[key], resumed_zeros[key]), key

@@ -48,3 +48,27 @@ def test_ddp_two_processes_agree_and_only_rank_zero_writes(tmp_path: Path) -> No
     for key, value in final.state_dict().items():
         assert torch.equal(value, finetuned[key])
     assert len(list(run_dir.rglob("report.json"))) == 1
+
+
+def test_ddp_sparsity_sweep_keeps_the_same_zeros_on_every_rank(tmp_path: Path) -> None:
+    run_dir, dump_dir = tmp_path / "run", tmp_path / "dump"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+experiment=ovit_sweep", "trainer=ddp", "trainer.accelerator=cpu",
+         "trainer.devices=2", "trainer.precision=32-true", "model=small_random", "data=synthetic",
+         "data.train.num_samples=64", "data.batch_size=8", "latency=flops", "latency.tokens=17", "logger=none",
+         "pruner.sparsities=[0.4,0.6]", "pruner.num_grads=16", "pruner.block_size=16", "sweep.steps_per_level=3",
+         "measure_latency=false", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
+         "+callbacks.dump._target_=tests.ddp_probe.DumpPerRank", f"+callbacks.dump.out_dir={dump_dir}",
+         f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(dump_dir / f"finetune_rank{r}.pt")["compact"] for r in (0, 1))
+    for key, value in rank0.items():  # same masks and the same fine-tuned weights on both ranks
+        assert torch.equal(value, rank1[key]), key
+    linears = [v for k, v in rank0.items() if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2]
+    zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
+    assert abs(zeros - 0.6) < 1e-3  # the last level, still exactly sparse after its fine-tuning steps
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [e["sparsity"] for e in report["sparse"]] == [0.4, 0.6]
+    assert sorted(p.name for p in (run_dir / "sparse").iterdir()) == ["sparsity_0.40", "sparsity_0.60"]

@@ -1,7 +1,7 @@
 """One-/few-shot pruning of a checkpoint to a latency target, compaction, export and report.
 
     python prune.py                                   # DeiT-Tiny to 0.7x CPU latency (conf/prune.yaml)
-    python prune.py pruner=magnitude recovery_steps=100
+    python prune.py pruner.criterion=magnitude recovery_steps=100
     python prune.py mode=export checkpoint=outputs/train/<run>/checkpoints/last.ckpt
     python prune.py pruner=ovit                       # oViT: one sparse model per sparsity level
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import hydra
@@ -20,21 +19,23 @@ from omegaconf import DictConfig, OmegaConf
 from nvit_lightning.app import (
     build,
     build_run,
+    calibration_batches,
     cli_errors,
+    config_dir,
     describe_model,
+    describe_sparse,
     is_sparsifier,
     log,
     measure_side_by_side,
     pruning_options,
     save_config,
     setup_environment,
+    val_accuracy,
 )
-from nvit_lightning.evaluation import evaluate
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.oneshot import prune_one_shot, recover
 from nvit_lightning.pruning import build_pruning
 from nvit_lightning.report import sparsity_table, summary_table, write_report, write_sparsity_report
-from nvit_lightning.sparsity import layer_sparsity
 
 
 def load_train_checkpoint(path: str) -> PrunableViT:
@@ -119,20 +120,11 @@ def sparsify(cfg: DictConfig) -> dict:
     dense = model.compact().eval()  # mask-free: dead structures are gone, not counted as zeros
     save_config(cfg, out_dir)
 
-    def accuracy(m: torch.nn.Module, name: str) -> dict:
-        if not cfg.evaluate or datamodule.val_spec is None:
-            return {}
-        return evaluate(m, datamodule.val_dataloader(), desc=f"evaluate {name}")
-
-    report_dense = {"params": dense.num_params(), **accuracy(dense, "dense")}
-    num_grads = getattr(sparsifier, "num_grads", 0)
-    batches = datamodule.calib_dataloader(max(1, math.ceil(num_grads / datamodule.batch_size)))
+    report_dense = {"params": dense.num_params(), **val_accuracy(dense, datamodule, cfg, "dense")}
     levels = []
-    for level, sparse in sparsifier(dense, batches).items():
+    for level, sparse in sparsifier(dense, calibration_batches(sparsifier, datamodule)).items():
         path = sparse.save_pretrained(out_dir / "sparse" / f"sparsity_{level:.2f}")
-        achieved, layers = layer_sparsity(sparse, list(sparsifier.layers(sparse)))
-        levels.append({"sparsity": level, "achieved": achieved, "dir": str(path),
-                       **accuracy(sparse, f"sparsity {level:.2f}"), "layers": layers})
+        levels.append(describe_sparse(sparse, sparsifier, level, path, datamodule, cfg))
     report = write_sparsity_report(out_dir / "report.json", report_dense, levels,
                                    method=sparsifier.name, pattern=sparsifier.pattern,
                                    distribution=sparsifier.distribution,
@@ -141,9 +133,9 @@ def sparsify(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="prune")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="prune")
 @cli_errors
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     if cfg.mode == "export":
         export(cfg)
     elif cfg.mode == "prune":
@@ -156,6 +148,7 @@ def _bad_mode(mode: str) -> None:
     raise ValueError(f"unknown mode '{mode}': use mode=prune or mode=export")
 
 
-if __name__ == "__main__":
-    setup_environment()
-    main()
+def main() -> None:
+    """`nvit-prune` and `python prune.py`: Hydra overrides from the command line."""
+    setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
+    _main()

@@ -12,25 +12,30 @@ from pathlib import Path
 
 import hydra
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nvit_lightning.app import (
     build,
     build_all,
     build_run,
+    calibration_batches,
     cli_errors,
+    config_dir,
     describe_model,
+    describe_sparse,
     is_rank_zero,
     is_sparsifier,
     log,
     measure_side_by_side,
     save_config,
     setup_environment,
+    val_accuracy,
 )
 from nvit_lightning.build import build_cnn_teacher
-from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning
+from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, SparsitySweep
+from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
-from nvit_lightning.report import summary_table, write_report
+from nvit_lightning.report import sparsity_table, summary_table, write_report, write_sparsity_report
 from nvit_lightning.timing import prunable_spec
 
 
@@ -67,8 +72,7 @@ def resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     if is_sparsifier(cfg.pruner):
-        raise ValueError(f"{cfg.pruner._target_.rsplit('.', 1)[-1]} sparsifies weights one-shot: run it with "
-                         f"prune.py (e.g. python prune.py pruner=ovit); train.py prunes structures")
+        return sparsity_sweep(cfg)
     datamodule, model, latency_model = build_run(cfg)
     dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
     reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
@@ -117,12 +121,48 @@ def train(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
+    """`+experiment=ovit_sweep`: sparsify to each level in turn, fine-tuning with KL to the dense model
+    and the zeros fixed between levels; one model per level under sparse/ (callbacks.SparsitySweep).
+    `max_steps` stops the run early (as an interruption would)."""
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("sweep") is None:
+        raise ValueError(f"pruner={cfg.pruner._target_.rsplit('.', 1)[-1]} in train.py runs a sparsity sweep: "
+                         f"use +experiment=ovit_sweep (or python prune.py pruner=... for one-shot sparsity)")
+    sparsifier = build(cfg.pruner)
+    datamodule, model, _ = build_run(cfg)
+    model = model.compact()
+    sweep = SparsitySweep(sparsifier, calibration_batches(sparsifier, datamodule), cfg.sweep.steps_per_level,
+                          save_dir=str(out_dir / "sparse"), checkpoint_dir=str(out_dir / "checkpoints"))
+    if is_rank_zero():
+        save_config(cfg, out_dir)
+        dense = {"params": model.num_params(), **val_accuracy(model, datamodule, cfg, "dense")}
+    module = make_module(cfg, model, "sweep")
+    trainer = build(cfg.trainer, max_steps=max_steps or sweep.total_steps, max_epochs=-1,
+                    logger=build_all(cfg.logger) or False, callbacks=[sweep, *build_all(cfg.callbacks)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
+    if not sweep.done:
+        raise ValueError(f"the sweep stopped after {sorted(sweep.saved)} of {sweep.levels}: resume with "
+                         f"hydra.run.dir=<run> ckpt_path=last")
+    if not is_rank_zero():
+        return {}
+    levels = [describe_sparse(PrunableViT.from_pretrained(path), sparsifier, level, path, datamodule, cfg)
+              for level, path in sorted(sweep.saved.items())]
+    report = write_sparsity_report(out_dir / "report.json", dense, levels, method=f"{sparsifier.name} sweep",
+                                   pattern=sparsifier.pattern, distribution=sparsifier.distribution,
+                                   steps_per_level=cfg.sweep.steps_per_level,
+                                   pruner=OmegaConf.to_container(cfg.pruner, resolve=True))
+    print(f"\n{sparsity_table(report)}\n\nreport: {out_dir / 'report.json'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @cli_errors
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     train(cfg)
 
 
-if __name__ == "__main__":
-    setup_environment()
-    main()
+def main() -> None:
+    """`nvit-train` and `python train.py`: Hydra overrides from the command line."""
+    setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
+    _main()
