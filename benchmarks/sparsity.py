@@ -1,0 +1,105 @@
+"""One-shot sparsity of DeiT-Tiny: oViT against WoodFisher and global magnitude, unstructured and 2:4.
+
+    python benchmarks/sparsity.py --out benchmarks/results/sparsity
+    python benchmarks/sparsity.py --nvit-model outputs/prune/<run>/model   # + NViT compact model, then oViT
+
+Every method runs exactly as `python prune.py pruner=<method>` does (the same configs and code path):
+the Fisher from per-sample gradients on the 1000-image ImageNet sample (eval transform), sparsity over
+the block linears (q, k, v, proj, fc1, fc2), one model per level; top-1 on the 1300 validation images,
+which calibration never sees. The damping of each second-order method is its config default, chosen
+on held-out sample images (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from nvit_lightning.app import setup_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVELS = "[0.5,0.6,0.7,0.8]"
+RUNS = {  # name: prune.py overrides
+    "oViT": ["pruner=ovit", f"pruner.sparsities={LEVELS}"],
+    "WoodFisher": ["pruner=woodfisher", f"pruner.sparsities={LEVELS}"],
+    "global magnitude": ["pruner=global_magnitude", f"pruner.sparsities={LEVELS}"],
+    "oViT 2:4": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null"],
+    "WoodFisher 2:4": ["pruner=woodfisher", "pruner.pattern=2:4", "pruner.sparsities=null"],
+    "magnitude 2:4": ["pruner=global_magnitude", "pruner.pattern=2:4", "pruner.sparsities=null"],
+}
+
+
+def run(overrides: list[str], out_dir: Path) -> dict:
+    from nvit_lightning.cli import prune
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("prune", overrides=[*overrides, f"paths.output_dir={out_dir}"])
+    start = time.time()
+    report = prune.sparsify(cfg)
+    report["seconds"] = round(time.time() - start)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sparsity")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/nvit_sparsity"), help="where the models go")
+    parser.add_argument("--methods", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--nvit-model", type=Path, help="a prune.py model/ dir: also sparsify it to 50 %% by oViT")
+    args = parser.parse_args()
+    setup_environment()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.methods:
+        report = run(RUNS[name], args.work / name.replace(" ", "_").replace(":", "of"))
+        results[name] = {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
+                         "levels": {f"{e['sparsity']:.2f}": e["top1"] for e in report["sparse"]}}
+        print(name, json.dumps(results[name]), flush=True)
+    if args.nvit_model:
+        report = run(["pruner=ovit", "pruner.sparsities=[0.5]", "model=from_dir",
+                      f"model.pretrained_dir={args.nvit_model}"], args.work / "nvit_ovit")
+        results["NViT compact + oViT 50 %"] = {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
+                                              "levels": {"0.50": report["sparse"][0]["top1"]}}
+    (args.out / "sparsity.json").write_text(json.dumps(results, indent=2))
+    (args.out / "sparsity.md").write_text(table(results))
+    plot(results, args.out / "sparsity.png")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    levels = sorted({level for r in results.values() for level in r["levels"]})
+    lines = ["| method | before | " + " | ".join(f"{float(s):.0%}" for s in levels) + " | time |",
+             "|---|---|" + "---|" * len(levels) + "---|"]
+    for name, r in results.items():
+        cells = [f"{r['levels'][s]:.1f}" if s in r["levels"] else "" for s in levels]
+        lines.append(f"| {name} | {r['dense_top1']:.1f} | " + " | ".join(cells) + f" | {r['seconds']} s |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        if "2:4" in name or "NViT" in name:
+            continue
+        xs = [float(s) for s in r["levels"]]
+        ax.plot(xs, list(r["levels"].values()), "o-", label=name)
+    ax.axhline(next(iter(results.values()))["dense_top1"], color="gray", ls=":", label="dense")
+    ax.set_xlabel("sparsity of the block linears (one-shot, global)")
+    ax.set_ylabel("top-1 on 1300 ImageNet val images (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
