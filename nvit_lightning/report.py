@@ -77,11 +77,15 @@ def summary_table(report: dict) -> str:
     return title + "\n" + "\n".join(lines)
 
 
-def write_sparsity_report(path: str | Path, dense: dict, levels: list[dict], **extra: Any) -> dict:
-    """report.json of `prune.py pruner=ovit | woodfisher | global_magnitude`: the dense model and one
-    entry per sparsity level (top-1/top-5, model directory, per-layer sparsity)."""
-    report = {"dense": dense, "sparse": levels, **extra}
+def write_sparsity_report(path: str | Path, dense: dict, levels: list[dict], method: str, pattern: str,
+                          distribution: str, pruner: dict, **extra: Any) -> dict:
+    """report.json of `prune.py pruner=ovit | woodfisher | global_magnitude` and of the oViT sweep: the
+    dense model and one entry per sparsity level (top-1/top-5, model directory, per-layer sparsity);
+    the summary table is printed."""
+    report = {"dense": dense, "sparse": levels, "method": method, "pattern": pattern, "distribution": distribution,
+              "pruner": pruner, **extra}
     Path(path).write_text(json.dumps(report, indent=2))
+    print(f"\n{sparsity_table(report)}\n\nreport: {path}")
     return report
 
 

@@ -15,20 +15,27 @@ from nvit_lightning.models import PrunableViT
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ddp_two_processes_agree_and_only_rank_zero_writes(tmp_path: Path) -> None:
+def run_ddp_train(overrides: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """`train.py` on 2 CPU processes (gloo) with a small model on synthetic data; each rank dumps what
+    it ended with (tests/ddp_probe.py). Returns the run dir and the dump dir."""
     run_dir, dump_dir = tmp_path / "run", tmp_path / "dump"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.precision=32-true", "model=small_random", "data=synthetic", "latency=flops", "latency.tokens=17",
-         "logger=none", "pruner.kinds=[emb,head,qk,v,mlp]", "pruner.latency_step=null",
-         "pruner.interval=2", "pruner.groups_per_event=3", "pruner.group_sizes.emb=8",
-         "pruner.target=0.6", "pruner.snapshots=[0.8]", "schedule.prune_max_epochs=20", "schedule.finetune_epochs=1",
-         "measure_latency=false", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
-         "+callbacks.dump._target_=tests.ddp_probe.DumpPerRank", f"+callbacks.dump.out_dir={dump_dir}",
-         f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(ROOT / "train.py"), *overrides, "trainer=ddp", "trainer.accelerator=cpu",
+         "trainer.devices=2", "trainer.precision=32-true", "model=small_random", "data=synthetic", "latency=flops",
+         "latency.tokens=17", "logger=none", "measure_latency=false", "~callbacks.progress_bar",
+         "+trainer.enable_progress_bar=false", "+callbacks.dump._target_=tests.ddp_probe.DumpPerRank",
+         f"+callbacks.dump.out_dir={dump_dir}", f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, dump_dir
+
+
+def test_ddp_two_processes_agree_and_only_rank_zero_writes(tmp_path: Path) -> None:
+    run_dir, dump_dir = run_ddp_train(
+        ["pruner.kinds=[emb,head,qk,v,mlp]", "pruner.latency_step=null", "pruner.interval=2",
+         "pruner.groups_per_event=3", "pruner.group_sizes.emb=8", "pruner.target=0.6", "pruner.snapshots=[0.8]",
+         "schedule.prune_max_epochs=20", "schedule.finetune_epochs=1"], tmp_path)
     for stage in ("prune", "finetune"):
         rank0, rank1 = (torch.load(dump_dir / f"{stage}_rank{r}.pt") for r in (0, 1))
         assert rank0["world_size"] == rank1["world_size"] == 2 and (rank0["rank"], rank1["rank"]) == (0, 1)
@@ -51,18 +58,9 @@ def test_ddp_two_processes_agree_and_only_rank_zero_writes(tmp_path: Path) -> No
 
 
 def test_ddp_sparsity_sweep_keeps_the_same_zeros_on_every_rank(tmp_path: Path) -> None:
-    run_dir, dump_dir = tmp_path / "run", tmp_path / "dump"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "+experiment=ovit_sweep", "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", "trainer.precision=32-true", "model=small_random", "data=synthetic",
-         "data.train.num_samples=64", "data.batch_size=8", "latency=flops", "latency.tokens=17", "logger=none",
-         "pruner.sparsities=[0.4,0.6]", "pruner.num_grads=16", "pruner.block_size=16", "sweep.steps_per_level=3",
-         "measure_latency=false", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
-         "+callbacks.dump._target_=tests.ddp_probe.DumpPerRank", f"+callbacks.dump.out_dir={dump_dir}",
-         f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, dump_dir = run_ddp_train(
+        ["+experiment=ovit_sweep", "data.train.num_samples=64", "data.batch_size=8", "pruner.sparsities=[0.4,0.6]",
+         "pruner.num_grads=16", "pruner.block_size=16", "sweep.steps_per_level=3"], tmp_path)
     rank0, rank1 = (torch.load(dump_dir / f"finetune_rank{r}.pt")["compact"] for r in (0, 1))
     for key, value in rank0.items():  # same masks and the same fine-tuned weights on both ranks
         assert torch.equal(value, rank1[key]), key

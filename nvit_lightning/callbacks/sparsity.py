@@ -61,7 +61,7 @@ class SparsitySweep(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        layers = self._layers(pl_module.student)
+        layers = self.sparsifier.layers(pl_module.student)
         for name, mask in self.masks.items():
             grad = layers[name].weight.grad
             if grad is not None:
@@ -91,9 +91,9 @@ class SparsitySweep(L.Callback):
             one_level = copy.copy(self.sparsifier)
             one_level.sparsities = [level]
             sparse = one_level(copy.deepcopy(student).eval(), self.batches)[level]
-            weights = {name: layer.weight.detach().cpu() for name, layer in self._layers(sparse).items()}
+            weights = {name: layer.weight.detach().cpu() for name, layer in self.sparsifier.layers(sparse).items()}
         weights = trainer.strategy.broadcast(weights, src=0)
-        layers = self._layers(student)
+        layers = self.sparsifier.layers(student)
         with torch.no_grad():
             for name, w in weights.items():
                 layers[name].weight.copy_(w)
@@ -102,11 +102,8 @@ class SparsitySweep(L.Callback):
         kept = sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
         log.info(f"sparsified to {level:.2f} (achieved {1 - kept:.3f}); fine-tuning {self.steps_per_level} steps")
 
-    def _layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        return self.sparsifier.layers(model)
-
     def _apply_masks(self, student: nn.Module) -> None:
-        layers = self._layers(student)
+        layers = self.sparsifier.layers(student)
         with torch.no_grad():
             for name, mask in self.masks.items():
                 layers[name].weight.mul_(mask.to(layers[name].weight.device))

@@ -35,7 +35,7 @@ from nvit_lightning.app import (
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.oneshot import prune_one_shot, recover
 from nvit_lightning.pruning import build_pruning
-from nvit_lightning.report import sparsity_table, summary_table, write_report, write_sparsity_report
+from nvit_lightning.report import summary_table, write_report, write_sparsity_report
 
 
 def load_train_checkpoint(path: str) -> PrunableViT:
@@ -125,12 +125,9 @@ def sparsify(cfg: DictConfig) -> dict:
     for level, sparse in sparsifier(dense, calibration_batches(sparsifier, datamodule)).items():
         path = sparse.save_pretrained(out_dir / "sparse" / f"sparsity_{level:.2f}")
         levels.append(describe_sparse(sparse, sparsifier, level, path, datamodule, cfg))
-    report = write_sparsity_report(out_dir / "report.json", report_dense, levels,
-                                   method=sparsifier.name, pattern=sparsifier.pattern,
-                                   distribution=sparsifier.distribution,
-                                   pruner=OmegaConf.to_container(cfg.pruner, resolve=True))
-    print(f"\n{sparsity_table(report)}\n\nreport: {out_dir / 'report.json'}")
-    return report
+    return write_sparsity_report(out_dir / "report.json", report_dense, levels, sparsifier.name,
+                                 sparsifier.pattern, sparsifier.distribution,
+                                 OmegaConf.to_container(cfg.pruner, resolve=True))
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="prune")

@@ -35,7 +35,7 @@ from nvit_lightning.build import build_cnn_teacher
 from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, SparsitySweep
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
-from nvit_lightning.report import sparsity_table, summary_table, write_report, write_sparsity_report
+from nvit_lightning.report import summary_table, write_report, write_sparsity_report
 from nvit_lightning.timing import prunable_spec
 
 
@@ -148,12 +148,10 @@ def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
         return {}
     levels = [describe_sparse(PrunableViT.from_pretrained(path), sparsifier, level, path, datamodule, cfg)
               for level, path in sorted(sweep.saved.items())]
-    report = write_sparsity_report(out_dir / "report.json", dense, levels, method=f"{sparsifier.name} sweep",
-                                   pattern=sparsifier.pattern, distribution=sparsifier.distribution,
-                                   steps_per_level=cfg.sweep.steps_per_level,
-                                   pruner=OmegaConf.to_container(cfg.pruner, resolve=True))
-    print(f"\n{sparsity_table(report)}\n\nreport: {out_dir / 'report.json'}")
-    return report
+    return write_sparsity_report(out_dir / "report.json", dense, levels, f"{sparsifier.name} sweep",
+                                 sparsifier.pattern, sparsifier.distribution,
+                                 OmegaConf.to_container(cfg.pruner, resolve=True),
+                                 steps_per_level=cfg.sweep.steps_per_level)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

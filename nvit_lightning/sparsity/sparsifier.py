@@ -189,7 +189,7 @@ class OBSSparsifier(Sparsifier):
             for name in tqdm(chunk, desc="OBS order", leave=False):
                 orders[name], losses[name] = obs_order(views[name], finv[name], self.order, steps, first[name],
                                                        self.nm)
-            if len(chunks) == 1:
+            if len(chunks) == 1:  # the update pass reuses these; with several chunks it collects them again
                 kept = finv
         counts = self._counts(layers, blocks, first, losses)
         weights: dict[float, dict[str, Tensor]] = {level: {} for level in self.sparsities}
@@ -205,8 +205,8 @@ class OBSSparsifier(Sparsifier):
     def _counts(self, layers: dict[str, nn.Module], blocks: dict[str, Blocks], first: dict[str, Tensor],
                 losses: dict[str, Tensor]) -> dict[float, dict[str, Tensor]]:
         if self.nm is not None:  # every block takes all its m - n removals per group of m
-            return {self.sparsities[0]: {name: torch.full((b.rows,), loss.shape[1], device=loss.device)
-                                         for (name, b), loss in zip(blocks.items(), losses.values())}}
+            return {self.sparsities[0]: {name: torch.full((blocks[name].rows,), loss.shape[1], device=loss.device)
+                                         for name, loss in losses.items()}}
         forced = {name: f.sum(1) for name, f in first.items()}
         zeros = {name: int(f.sum()) - blocks[name].pad for name, f in first.items()}
         numels = {name: layer.weight.numel() for name, layer in layers.items()}

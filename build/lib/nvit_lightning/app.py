@@ -1,0 +1,290 @@
+"""What train.py and prune.py share: set-up, config checks, one-line errors, the final report."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from .evaluation import evaluate
+from .models import PrunableViT
+from .module import check_training_options
+from .pruning import build_pruning
+from .pruning.latency import LatencyModel
+from .report import model_entry
+from .sparsity import Sparsifier, layer_sparsity
+from .timing import prunable_spec, time_in_fresh_process, timm_spec
+
+log = logging.getLogger("nvit_lightning")
+
+# errors a user can fix from the command line: shown as one line, no traceback
+USER_ERRORS = (FileNotFoundError, ValueError, MissingMandatoryValue)
+MAX_SPREAD = 1.5  # slowest / fastest round of a latency measurement above which it is flagged
+
+
+def is_rank_zero() -> bool:
+    """Rank 0 of a (possibly not yet launched) DDP job: Lightning reads the rank from the environment."""
+    return rank_zero_only.rank == 0
+
+
+def cli_errors(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Turn bad input (a wrong path, a bad config value) into a one-line error and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return main(cfg)
+        except USER_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _exit_with(err)
+
+    return wrapper
+
+
+def _exit_with(err: BaseException) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CHECKOUT_DIR = PACKAGE_DIR.parent  # in a source checkout: conf/ and data/ beside the package
+
+
+def is_checkout() -> bool:
+    return (CHECKOUT_DIR / "conf" / "train.yaml").is_file()
+
+
+def config_dir() -> Path:
+    """The Hydra configs: a source checkout's conf/, else the copy `pip install .` ships in the package."""
+    return CHECKOUT_DIR / "conf" if is_checkout() else PACKAGE_DIR / "conf"
+
+
+def setup_environment() -> None:
+    """Defaults every run wants: W&B offline unless told otherwise; data and outputs under the
+    checkout (any working directory), or, for an installed package, under the working directory
+    with the latency tables it ships."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("NVIT_ROOT", str(CHECKOUT_DIR) if is_checkout() else os.getcwd())
+    if not is_checkout():
+        os.environ.setdefault("NVIT_TABLES", str(PACKAGE_DIR / "latency_tables"))
+    torch.set_float32_matmul_precision("high")
+
+
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising the user's error (a missing file, a bad value) itself
+    rather than Hydra's wrapper around it."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        if isinstance(err.__cause__, TypeError) and "keyword argument" in str(err.__cause__):
+            target = str(cfg.get("_target_", "")).rsplit(".", 1)[-1]
+            raise ValueError(f"bad config option for {target}: {err.__cause__} (see its config file under "
+                             f"conf/ for the options it takes)") from None
+        raise
+
+
+def build_all(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group such as `callbacks` or `logger`."""
+    return [build(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+
+
+def model_tokens(model: PrunableViT) -> int:
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def check_latency_model(latency_model: LatencyModel, model: PrunableViT) -> None:
+    """Refuse a latency model made for another model (token count, or dims outside its grid)."""
+    tokens = getattr(latency_model, "tokens", None) or getattr(latency_model, "meta", {}).get("tokens")
+    if tokens is not None and tokens != model_tokens(model):
+        raise ValueError(f"{latency_model.describe()} is for {tokens} tokens per image, but the model has "
+                         f"{model_tokens(model)}; pick a latency table profiled for this model")
+    try:
+        latency_model.model_latency(model.live_dims())
+    except ValueError as err:
+        raise ValueError(f"the latency model does not cover this model: {err}") from None
+
+
+def is_sparsifier(pruner: DictConfig) -> bool:
+    """`pruner=ovit | woodfisher | global_magnitude`: a `_target_` sparsifier (its class checks its own
+    options), rather than the structural pruner's options."""
+    return "_target_" in pruner
+
+
+def check_pruner_config(cfg: DictConfig) -> None:
+    """Bad pruner values fail here, before any model or data is loaded."""
+    p = cfg.pruner
+    if is_sparsifier(p):
+        return
+    known = set(inspect.signature(build_pruning).parameters) - {"model", "latency_model", "targets"}
+    unknown = sorted(set(p) - known - {"target", "snapshots", "interval"})
+    if unknown:
+        raise ValueError(f"unknown pruner key(s) {unknown}; the pruner takes "
+                         f"{sorted(known | {'target', 'snapshots', 'interval'})}")
+    for key in ("target", "eta"):
+        _number(p[key], f"pruner.{key}")
+    for t in p.snapshots:
+        _number(t, "pruner.snapshots")
+    for t in [p.target, *p.snapshots]:
+        if not 0.0 < float(t) < 1.0:
+            raise ValueError(f"latency targets must lie strictly between 0 and 1 (pruner.target, "
+                             f"pruner.snapshots), got {t}")
+    if float(p.eta) < 0:
+        raise ValueError(f"pruner.eta must be >= 0, got {p.eta}")
+    if any(float(t) <= float(p.target) for t in p.snapshots):
+        raise ValueError(f"pruner.snapshots {list(p.snapshots)} must all be above pruner.target {p.target}")
+
+
+def _number(value: Any, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+
+
+def check_trainer_config(cfg: DictConfig) -> None:
+    """Devices the trainer cannot get, caught before the dense evaluation rather than after it."""
+    t = cfg.trainer
+    if str(t.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible: use trainer=cpu")
+    devices = t.get("devices")
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise ValueError(f"trainer.devices must be a positive count, -1 (all) or 'auto', got {devices}")
+
+
+def check_data_fits_model(datamodule: Any, model: PrunableViT) -> None:
+    """Image size and labels the model cannot take, caught before any evaluation or training."""
+    size = model.config.get("img_size")
+    if getattr(datamodule, "img_size", size) != size:
+        raise ValueError(f"data.img_size={datamodule.img_size} but the model takes {size}x{size} images: "
+                         f"set data.img_size={size}")
+    labels = datamodule.num_labels() if hasattr(datamodule, "num_labels") else None
+    if labels is not None and labels > model.num_classes:
+        raise ValueError(f"the data has labels up to {labels - 1}, but the model has {model.num_classes} "
+                         f"classes: use a dataset with this model's classes (or a model with its own head)")
+
+
+def make_output_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output directory {path}: {err.strerror} "
+                         f"(set hydra.run.dir=<dir> or paths.output_dir=<dir>)") from None
+    return path
+
+
+def check_distill_config(cfg: DictConfig) -> None:
+    """The training-module options of both stages, checked at start-up rather than when each is built."""
+    d = cfg.distill
+    temperatures = {key: float(d[key]) for key in ("temperature", "finetune_temperature")}
+    check_training_options(float(d.kl_weight), temperatures, int(cfg.get("max_nonfinite_skips", 0)))
+
+
+def pruning_options(pruner: DictConfig) -> dict[str, Any]:
+    """`build_pruning` keyword arguments from the `pruner` config group (its `interval` is train.py's)."""
+    options = OmegaConf.to_container(pruner, resolve=True)
+    options["targets"] = [options.pop("target"), *options.pop("snapshots")]
+    options.pop("interval", None)
+    return options
+
+
+def val_accuracy(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, name: str) -> dict[str, float]:
+    """Top-1 / top-5 on data.val; empty with `evaluate=false` or without a validation set."""
+    if not cfg.evaluate or datamodule.val_spec is None:
+        return {}
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto") else "cpu"
+    return evaluate(model, datamodule.val_dataloader(), device, desc=f"evaluate {name}")
+
+
+def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: Any, cfg: DictConfig,
+                   name: str, with_dims: bool) -> dict[str, Any]:
+    """The report entry of one model: size, predicted latency, accuracy on data.val (measured latency
+    comes later, from `measure_side_by_side`)."""
+    return model_entry(model, latency_model, None, val_accuracy(model, datamodule, cfg, name) or None, with_dims)
+
+
+def calibration_batches(sparsifier: Sparsifier, datamodule: Any) -> Any:
+    """The sparsifier's calibration images: `num_grads` of data.train's fixed random subset (eval
+    transform), the same images on every pass (a Fisher in chunks reads them twice)."""
+    num_grads = getattr(sparsifier, "num_grads", 0)
+    return datamodule.calib_dataloader(max(1, math.ceil(num_grads / datamodule.batch_size)))
+
+
+def describe_sparse(model: PrunableViT, sparsifier: Sparsifier, level: float, path: str | Path, datamodule: Any,
+                    cfg: DictConfig) -> dict[str, Any]:
+    """The report entry of one sparse model: requested and achieved sparsity (over the sparsified
+    layers), its directory, accuracy on data.val, the sparsity of each layer."""
+    achieved, layers = layer_sparsity(model, list(sparsifier.layers(model)))
+    return {"sparsity": level, "achieved": achieved, "dir": str(path),
+            **val_accuracy(model, datamodule, cfg, f"sparsity {level:.2f}"), "layers": layers}
+
+
+def measure_side_by_side(dense: PrunableViT | dict, pruned: PrunableViT, latency_model: LatencyModel,
+                         cfg: DictConfig) -> dict[str, Any] | None:
+    """Measured ms of the pruned model, our dense model and timm's own dense model, timed together in
+    a fresh process on the latency model's device, dtype, batch size and threads (`timing.py`).
+    `dense` is the dense model or its `prunable_spec` (taken before pruning changed the model).
+    A measurement whose rounds disagree by more than `MAX_SPREAD` is taken again once, and flagged
+    in the result if it still does."""
+    if not cfg.measure_latency:
+        return None
+    setup = latency_model.timing
+    if setup.device == "cuda" and not torch.cuda.is_available():
+        log.warning(f"{latency_model.describe()} is for CUDA, but no GPU is visible: latency not measured")
+        return None
+    dense_spec = dense if isinstance(dense, dict) else prunable_spec(dense)  # or taken before pruning
+    specs = {"dense": dense_spec, "pruned": prunable_spec(pruned)}
+    timm_name = cfg.model.get("timm_name")
+    if timm_name:
+        specs["timm_dense"] = timm_spec(timm_name, num_classes=pruned.num_classes)
+    log.info(f"timing dense and pruned models in a fresh process ({setup})")
+    result = time_in_fresh_process(specs, setup)
+    if max(result["spread"].values()) > MAX_SPREAD:
+        log.warning(f"latency rounds disagree (slowest/fastest {result['spread']}): the machine is busy; "
+                    f"measuring again")
+        result = min(result, time_in_fresh_process(specs, setup), key=lambda r: max(r["spread"].values()))
+    result["noisy"] = max(result["spread"].values()) > MAX_SPREAD
+    if result["noisy"]:
+        log.warning(f"latency measurement is noisy (slowest/fastest round {result['spread']}); "
+                    f"re-time on an idle machine")
+    result["setup"] = asdict(setup)
+    return result
+
+
+def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
+    """Datamodule, model and latency model of a train/prune run, checked before any work starts."""
+    check_pruner_config(cfg)
+    check_distill_config(cfg)
+    check_trainer_config(cfg)
+    make_output_dir(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
+    latency_model = build(cfg.latency)
+    check_latency_model(latency_model, model)
+    datamodule.setup()
+    check_data_fits_model(datamodule, model)
+    return datamodule, model, latency_model
+
+
+def save_config(cfg: DictConfig, out_dir: Path) -> None:
+    make_output_dir(out_dir)
+    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

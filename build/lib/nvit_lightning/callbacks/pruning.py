@@ -1,0 +1,171 @@
+"""Lightning glue over `nvit_lightning.pruning`: accumulate saliency, prune on schedule, snapshot."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..models import KINDS
+from ..pruning.latency import LatencyModel
+from ..pruning.pruner import PruningEvent, build_pruning
+from ..pruning.reconstruct import Reconstruction
+
+log = logging.getLogger(__name__)
+
+
+class GlobalPruning(L.Callback):
+    """Prune the student of an `NViTModule` every `interval` optimizer steps until `target`.
+
+    Saliency is read in `on_before_optimizer_step`: after backward, DDP's gradient all-reduce and
+    AMP's unscale, once per optimizer step (also under gradient accumulation), so all ranks hold the
+    same scores and make the same decision. Every target in `snapshots` (and `target` itself) that is
+    crossed writes a compact `save_pretrained` snapshot to `snapshot_dir/target_<t>`.
+    """
+
+    def __init__(self, latency_model: LatencyModel, criterion: str = "hessian", eta: float = 0.0,
+                 target: float = 0.7, snapshots: Sequence[float] = (), interval: int = 100,
+                 groups_per_event: int = 8, group_sizes: Mapping[str, int] | None = None,
+                 divisors: Mapping[str, float] | None = None, ema_beta: float = 0.9, seed: int = 0,
+                 ranking: str = "penalty", latency_step: float | None = None,
+                 kinds: Sequence[str] = KINDS, reconstruction: Reconstruction | None = None,
+                 snapshot_dir: str | None = None) -> None:
+        super().__init__()
+        if interval < 1:
+            raise ValueError(f"pruner.interval must be >= 1, got {interval}")
+        self.latency_model = latency_model
+        self.criterion_name, self.eta = criterion, float(eta)
+        self.targets = sorted({float(target), *map(float, snapshots)}, reverse=True)
+        self.target = float(target)
+        self.interval, self.groups_per_event = int(interval), int(groups_per_event)
+        self.group_sizes = dict(group_sizes or {})
+        self.ranking, self.latency_step, self.kinds = ranking, latency_step, list(kinds)
+        self.reconstruction = reconstruction
+        self.criterion_kwargs = dict(divisors=dict(divisors or {}), ema_beta=ema_beta, seed=seed)
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        self.history: list[dict[str, Any]] = []
+        self.snapshots: dict[float, str] = {}
+        self.last_event_step = 0
+        self.structure = self.criterion = self.pruner = None
+        self._pending_state: dict | None = None
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def build(self, model: torch.nn.Module) -> None:
+        """Create structure, criterion and pruner for `model` (a masked PrunableViT)."""
+        self.structure, self.criterion, self.pruner = build_pruning(
+            model, self.latency_model, criterion=self.criterion_name, eta=self.eta, targets=self.targets,
+            groups_per_event=self.groups_per_event, group_sizes=self.group_sizes, ranking=self.ranking,
+            latency_step=self.latency_step, kinds=self.kinds, **self.criterion_kwargs)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reconstruction is not None and getattr(pl_module, "teacher", None) is None:
+            raise ValueError("reconstruction at pruning events needs the dense teacher (distill.kl_weight > 0), "
+                             "or set reconstruct=false")
+        if stage == "fit" and self.structure is None:
+            self.build(pl_module.student)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    @property
+    def done(self) -> bool:
+        return self.pruner is not None and self.pruner.done
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.done:  # resumed from a checkpoint that reached every target: straight on to compaction
+            if trainer.is_global_zero:
+                log.info("every latency target was already reached in the checkpoint: pruning stage skipped")
+            trainer.should_stop = True
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not self.done and self.criterion.needs_gradients:
+            self.criterion.accumulate()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.history:
+            self.structure.zero_pruned()  # AdamW's momentum would otherwise revive pruned weights
+        step = trainer.global_step
+        if self.done or step == 0 or step % self.interval or step == self.last_event_step:
+            return
+        self.last_event_step = step
+        self.criterion.end_interval()
+        event = self.pruner.step(self.criterion.scores())
+        pl_module.enable_kl()
+        record = self._record(event, step, pl_module.student)
+        self.history.append(record)
+        pl_module.log_dict({f"prune/{k}": float(v) for k, v in record.items()
+                            if isinstance(v, int | float)}, on_step=True, on_epoch=False)
+        if trainer.is_global_zero:
+            log.info(event.summary())
+        if event.targets_reached and self.reconstruction is not None:
+            self._reconstruct(trainer, pl_module)
+        for target in event.targets_reached:
+            self._snapshot(trainer, pl_module, target)
+        if self.done:
+            trainer.should_stop = True
+
+    def _reconstruct(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refit the student against the frozen dense teacher on the datamodule's calibration batches
+        (the same on every rank, so DDP replicas stay identical)."""
+        batches = list(trainer.datamodule.calib_dataloader(self.reconstruction.batches))
+        was_training = pl_module.student.training
+        results = self.reconstruction(pl_module.student, pl_module.teacher, batches, pl_module.device,
+                                      progress=trainer.is_global_zero)
+        pl_module.student.train(was_training)
+        if trainer.is_global_zero and results:
+            before = sum(r.error_before for r in results) / len(results)
+            after = sum(r.error_after for r in results) / len(results)
+            log.info(f"reconstruction: mean relative error of {len(results)} layers {before:.3f} -> {after:.3f}")
+
+    def _record(self, event: PruningEvent, step: int, model: torch.nn.Module) -> dict[str, Any]:
+        size = model.size_of(event.dims)
+        return {"event": event.index, "step": step, "latency_ms": event.latency_after,
+                "latency_ratio": event.ratio_after, "params": size["params"], "macs": size["macs"],
+                **{f"pruned_{k}": n for k, n in event.pruned.items()}, "dims": event.dims.to_dict()}
+
+    def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, target: float) -> None:
+        if self.snapshot_dir is None:
+            return
+        path = self.snapshot_dir / f"target_{target:.2f}"
+        if trainer.is_global_zero:
+            pl_module.student.compact().save_pretrained(path)
+            log.info(f"latency target {target} reached: compact snapshot in {path}")
+        self.snapshots[target] = str(path)
+
+    # ---- checkpointing ------------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {"criterion": self.criterion_name, "eta": self.eta, "targets": self.targets,
+                "interval": self.interval, "groups_per_event": self.groups_per_event,
+                "group_sizes": self.group_sizes, "ranking": self.ranking, "latency_step": self.latency_step,
+                "kinds": self.kinds}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self._config(), "criterion": self.criterion.state_dict(),
+                "pruner": self.pruner.state_dict(), "history": self.history,
+                "snapshots": self.snapshots, "last_event_step": self.last_event_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # checkpoints of older versions lack the newer keys: they ran with these values
+        saved = {"ranking": "penalty", "latency_step": None, "kinds": list(KINDS), **state_dict["config"]}
+        if saved != self._config():
+            diff = {k: (v, self._config().get(k)) for k, v in saved.items() if self._config().get(k) != v}
+            raise ValueError(f"resume checkpoint comes from another pruning config (checkpoint vs this "
+                             f"run): {diff}")
+        if self.structure is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self.criterion.load_state_dict(state["criterion"])
+        self.pruner.load_state_dict(state["pruner"])
+        self.history = list(state["history"])
+        self.snapshots = dict(state["snapshots"])
+        self.last_event_step = int(state["last_event_step"])

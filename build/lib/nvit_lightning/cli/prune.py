@@ -1,0 +1,151 @@
+"""One-/few-shot pruning of a checkpoint to a latency target, compaction, export and report.
+
+    python prune.py                                   # DeiT-Tiny to 0.7x CPU latency (conf/prune.yaml)
+    python prune.py pruner.criterion=magnitude recovery_steps=100
+    python prune.py mode=export checkpoint=outputs/train/<run>/checkpoints/last.ckpt
+    python prune.py pruner=ovit                       # oViT: one sparse model per sparsity level
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nvit_lightning.app import (
+    build,
+    build_run,
+    calibration_batches,
+    cli_errors,
+    config_dir,
+    describe_model,
+    describe_sparse,
+    is_sparsifier,
+    log,
+    measure_side_by_side,
+    pruning_options,
+    save_config,
+    setup_environment,
+    val_accuracy,
+)
+from nvit_lightning.models import PrunableViT
+from nvit_lightning.oneshot import prune_one_shot, recover
+from nvit_lightning.pruning import build_pruning
+from nvit_lightning.report import summary_table, write_report, write_sparsity_report
+
+
+def load_train_checkpoint(path: str) -> PrunableViT:
+    """The masked student of a train.py Lightning checkpoint."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (set checkpoint=<run>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling raises many types for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable Lightning checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or "student_config" not in ckpt:
+        raise ValueError(f"{path} is not a train.py checkpoint (no student_config)")
+    model = PrunableViT(**ckpt["student_config"])
+    state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def export(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    if not cfg.checkpoint:
+        raise ValueError("mode=export needs checkpoint=<train run>/checkpoints/last.ckpt")
+    masked = load_train_checkpoint(cfg.checkpoint)
+    compact = masked.compact()
+    compact.save_pretrained(out_dir / "model")
+    print(f"compact model {compact.dims.emb=} {compact.num_params() / 1e6:.2f}M params -> {out_dir / 'model'}")
+    return {"model": str(out_dir / "model")}
+
+
+def prune(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    datamodule, model, latency_model = build_run(cfg)
+    dense_model = copy.deepcopy(model).eval()  # the reference: before any pruning hook is attached
+    _, criterion, pruner = build_pruning(model, latency_model, **pruning_options(cfg.pruner))
+    reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
+    save_config(cfg, out_dir)
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
+    dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=False)
+
+    needed = max(cfg.calib_batches, cfg.rescore_batches, reconstruction.batches if reconstruction else 0)
+    batches = list(datamodule.calib_dataloader(needed))  # decoded once, reused by every pass
+    snapshots, compacts = {}, {}
+
+    def on_target(target: float, snapshot: PrunableViT) -> None:
+        compacts[target] = snapshot.compact()
+        path = out_dir / "snapshots" / f"target_{target:.2f}"
+        compacts[target].save_pretrained(path)
+        snapshots[target] = str(path)
+
+    events = prune_one_shot(model, dense_model, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches,
+                            cfg.rescore, reconstruction, on_target, lambda e: log.info(e.summary()), device)
+    compact = compacts[float(cfg.pruner.target)]
+    if cfg.recovery_steps > 0:
+        d = cfg.distill
+        trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False)
+        compact = recover(compact, dense_model, datamodule, trainer, build(cfg.schedule.finetune_optimizer),
+                          d.kl_weight, d.temperature, d.label_smoothing, cfg.max_nonfinite_skips)
+    compact.save_pretrained(out_dir / "model")
+    pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
+    timing = measure_side_by_side(dense_model, compact, latency_model, cfg)
+    p = cfg.pruner
+    report = write_report(out_dir / "report.json", dense, pruned, p.target, p.criterion, p.eta, latency_model,
+                          timing=timing, snapshots=snapshots, events=len(events), calib_batches=cfg.calib_batches,
+                          rescore=cfg.rescore, recovery_steps=cfg.recovery_steps,
+                          reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruct else None)
+    (out_dir / "pruning_history.json").write_text(json.dumps(
+        [{"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
+         for e in events], indent=1))
+    print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
+    return report
+
+
+def sparsify(cfg: DictConfig) -> dict:
+    """`pruner=ovit | woodfisher | global_magnitude`: one sparse model per level under sparse/."""
+    out_dir = Path(cfg.paths.output_dir)
+    sparsifier = build(cfg.pruner)  # bad options fail before any model or data is loaded
+    if cfg.recovery_steps > 0:
+        raise ValueError("recovery_steps works with structural pruning only: a plain fine-tune would refill "
+                         "the zeros of a sparse model (set recovery_steps=0)")
+    datamodule, model, _ = build_run(cfg)
+    dense = model.compact().eval()  # mask-free: dead structures are gone, not counted as zeros
+    save_config(cfg, out_dir)
+
+    report_dense = {"params": dense.num_params(), **val_accuracy(dense, datamodule, cfg, "dense")}
+    levels = []
+    for level, sparse in sparsifier(dense, calibration_batches(sparsifier, datamodule)).items():
+        path = sparse.save_pretrained(out_dir / "sparse" / f"sparsity_{level:.2f}")
+        levels.append(describe_sparse(sparse, sparsifier, level, path, datamodule, cfg))
+    return write_sparsity_report(out_dir / "report.json", report_dense, levels, sparsifier.name,
+                                 sparsifier.pattern, sparsifier.distribution,
+                                 OmegaConf.to_container(cfg.pruner, resolve=True))
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="prune")
+@cli_errors
+def _main(cfg: DictConfig) -> None:
+    if cfg.mode == "export":
+        export(cfg)
+    elif cfg.mode == "prune":
+        sparsify(cfg) if is_sparsifier(cfg.pruner) else prune(cfg)
+    else:
+        _bad_mode(cfg.mode)
+
+
+def _bad_mode(mode: str) -> None:
+    raise ValueError(f"unknown mode '{mode}': use mode=prune or mode=export")
+
+
+def main() -> None:
+    """`nvit-prune` and `python prune.py`: Hydra overrides from the command line."""
+    setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
+    _main()

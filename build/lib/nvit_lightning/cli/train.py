@@ -1,0 +1,166 @@
+"""Pruning-aware fine-tuning (stage 1), compaction, then fine-tuning of the compact model (stage 2).
+
+    python train.py                                  # the CPU demo on DeiT-Tiny (conf/train.yaml)
+    python train.py +experiment=nvit_base            # the paper recipe (conf/experiment/)
+    python train.py -m pruner.eta=0,5e-4 pruner.target=0.5,0.7   # a sweep, one run dir per job
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from nvit_lightning.app import (
+    build,
+    build_all,
+    build_run,
+    calibration_batches,
+    cli_errors,
+    config_dir,
+    describe_model,
+    describe_sparse,
+    is_rank_zero,
+    is_sparsifier,
+    log,
+    measure_side_by_side,
+    save_config,
+    setup_environment,
+    val_accuracy,
+)
+from nvit_lightning.build import build_cnn_teacher
+from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, SparsitySweep
+from nvit_lightning.models import PrunableViT
+from nvit_lightning.module import NViTModule
+from nvit_lightning.report import summary_table, write_report, write_sparsity_report
+from nvit_lightning.timing import prunable_spec
+
+
+def make_module(cfg: DictConfig, model, stage: str, teacher=None, step_offset: int = 0) -> NViTModule:
+    d, s = cfg.distill, cfg.schedule
+    cnn = build_cnn_teacher(**d.cnn_teacher) if d.cnn_teacher else None
+    prune = stage == "prune"
+    return NViTModule(
+        model, optimizer=build(s.optimizer if prune else s.finetune_optimizer),
+        scheduler=build(s.scheduler if prune else s.finetune_scheduler), kl_weight=d.kl_weight,
+        temperature=d.temperature if prune else d.finetune_temperature, kl_from_start=not prune,
+        teacher=teacher, label_smoothing=d.label_smoothing, mixup=d.mixup, cnn_teacher=cnn,
+        cnn_alpha=d.cnn_alpha, max_nonfinite_skips=cfg.max_nonfinite_skips, stage=stage, step_offset=step_offset)
+
+
+def resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """`ckpt_path=last`: the newest stage-1 checkpoint of this run dir; a path: that file. A fresh run
+    into a dir that already holds checkpoints overwrites them, with a warning."""
+    existing = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if ckpt_path == "last":
+        if not existing:
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoint in {checkpoint_dir} (set hydra.run.dir to the "
+                                    f"run to resume, or ckpt_path=<file>)")
+        return str(existing[-1])
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path {ckpt_path} not found (ckpt_path=last resumes the newest checkpoint "
+                                f"of hydra.run.dir)")
+    if ckpt_path is None and existing and is_rank_zero():
+        log.warning(f"{checkpoint_dir} already holds checkpoints of an earlier run: this fresh run overwrites "
+                    f"them (resume with ckpt_path=last instead)")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    if is_sparsifier(cfg.pruner):
+        return sparsity_sweep(cfg)
+    datamodule, model, latency_model = build_run(cfg)
+    dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
+    reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
+    pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"), reconstruction=reconstruction,
+                            **cfg.pruner)
+    pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
+    if is_rank_zero():
+        save_config(cfg, out_dir)
+        log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
+        dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=False)
+
+    # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ----------
+    module = make_module(cfg, model, "prune")
+    callbacks = [pruning, ArchitectureReport(str(out_dir)), *build_all(cfg.callbacks)]
+    loggers = build_all(cfg.logger) or False
+    trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
+                          logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
+    if not pruning.done:
+        raise ValueError(f"pruning stopped at {pruning.pruner.latency_ratio():.3f} of the dense latency, "
+                         f"before the target {cfg.pruner.target}: raise schedule.prune_max_epochs or "
+                         f"pruner.groups_per_event, and resume with hydra.run.dir=<run> ckpt_path=last")
+    compact = module.student.compact()
+
+    # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
+    if cfg.schedule.finetune_epochs > 0:
+        finetune = make_module(cfg, compact, "finetune", teacher=module.teacher, step_offset=trainer.global_step)
+        callbacks = build_all(cfg.callbacks)
+        for callback in callbacks:  # stage-2 checkpoints must not overwrite stage 1's (resumable) ones
+            if isinstance(callback, ModelCheckpoint):
+                callback.dirpath = str(out_dir / "checkpoints" / "finetune")
+        trainer = build(cfg.trainer, max_epochs=cfg.schedule.finetune_epochs, logger=loggers, callbacks=callbacks)
+        trainer.fit(finetune, datamodule=datamodule)
+        compact = finetune.student
+
+    if not is_rank_zero():
+        return {}
+    compact.save_pretrained(out_dir / "model")
+    pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
+    timing = measure_side_by_side(dense_arch, compact, latency_model, cfg)
+    report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, cfg.pruner.criterion,
+                          cfg.pruner.eta, latency_model, timing=timing, snapshots=pruning.snapshots,
+                          events=len(pruning.history))
+    (out_dir / "pruning_history.json").write_text(json.dumps(pruning.history, indent=1))
+    print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
+    return report
+
+
+def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
+    """`+experiment=ovit_sweep`: sparsify to each level in turn, fine-tuning with KL to the dense model
+    and the zeros fixed between levels; one model per level under sparse/ (callbacks.SparsitySweep).
+    `max_steps` stops the run early (as an interruption would)."""
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("sweep") is None:
+        raise ValueError(f"pruner={cfg.pruner._target_.rsplit('.', 1)[-1]} in train.py runs a sparsity sweep: "
+                         f"use +experiment=ovit_sweep (or python prune.py pruner=... for one-shot sparsity)")
+    sparsifier = build(cfg.pruner)
+    datamodule, model, _ = build_run(cfg)
+    model = model.compact()
+    sweep = SparsitySweep(sparsifier, calibration_batches(sparsifier, datamodule), cfg.sweep.steps_per_level,
+                          save_dir=str(out_dir / "sparse"), checkpoint_dir=str(out_dir / "checkpoints"))
+    if is_rank_zero():
+        save_config(cfg, out_dir)
+        dense = {"params": model.num_params(), **val_accuracy(model, datamodule, cfg, "dense")}
+    module = make_module(cfg, model, "sweep")
+    trainer = build(cfg.trainer, max_steps=max_steps or sweep.total_steps, max_epochs=-1,
+                    logger=build_all(cfg.logger) or False, callbacks=[sweep, *build_all(cfg.callbacks)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
+    if not sweep.done:
+        raise ValueError(f"the sweep stopped after {sorted(sweep.saved)} of {sweep.levels}: resume with "
+                         f"hydra.run.dir=<run> ckpt_path=last")
+    if not is_rank_zero():
+        return {}
+    levels = [describe_sparse(PrunableViT.from_pretrained(path), sparsifier, level, path, datamodule, cfg)
+              for level, path in sorted(sweep.saved.items())]
+    return write_sparsity_report(out_dir / "report.json", dense, levels, f"{sparsifier.name} sweep",
+                                 sparsifier.pattern, sparsifier.distribution,
+                                 OmegaConf.to_container(cfg.pruner, resolve=True),
+                                 steps_per_level=cfg.sweep.steps_per_level)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@cli_errors
+def _main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+def main() -> None:
+    """`nvit-train` and `python train.py`: Hydra overrides from the command line."""
+    setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
+    _main()

@@ -1,0 +1,352 @@
+"""Profile a ViT block latency lookup table on the target device, and check it against a real model.
+
+    python -m nvit_lightning.pruning.profiler profile --preset deit_tiny --batch-size 32 \\
+        --device cpu --dtype float32 --out data/latency/deit_tiny_cpu_b32.json
+    python -m nvit_lightning.pruning.profiler check --table data/latency/deit_tiny_cpu_b32.json \\
+        --dims outputs/pruned/dims.json
+
+Blocks are timed where they run: inside a mask-free `PrunableViT` whose `stack` blocks all have the
+grid point's dims, under `torch.inference_mode()` with a fixed thread count (recorded in the table's
+meta and re-applied by `check`). A block's latency is (model - model without blocks) / stack, so it
+includes what an isolated block would miss: its weights evicted from the caches by its neighbours
+and by the patch embedding and head (at batch 1 on a CPU an isolated block runs ~10 % faster than
+the same block inside DeiT-Tiny). A uniform model of depth `stack` is predicted exactly by
+construction.
+
+On a CPU, `measure_ms` pins glibc's malloc thresholds first (`steady_malloc`): otherwise whether a
+forward page-faults its largest activations afresh depends on the process's allocation history,
+and the same model's latency jumps by ~40 % between processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import platform
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..models.dims import ViTDims
+from ..models.vit import CONFIG_FILE, WEIGHTS_FILE, Block, PrunableViT
+from ..timing import measure_ms, steady_malloc
+from .latency import AXES, CorruptTableError, LookupTableLatency
+
+# Grids span the smallest dims the pruner can reach (one group of each type: EMB 16, 1 head, QK/V 8,
+# MLP 16) up to the dense model, so every architecture met while pruning is inside the table.
+PRESETS: dict[str, dict[str, list[int]]] = {
+    "deit_tiny": dict(emb=[16, 64, 128, 192], heads=[1, 2, 3], qk=[8, 32, 64], v=[8, 32, 64],
+                      mlp=[16, 256, 512, 768]),
+    "deit_small": dict(emb=[16, 128, 256, 384], heads=[1, 2, 4, 6], qk=[8, 32, 64], v=[8, 32, 64],
+                       mlp=[16, 512, 1024, 1536]),
+    "deit_base": dict(emb=[16, 256, 512, 768], heads=[1, 4, 8, 12], qk=[8, 32, 64], v=[8, 32, 64],
+                      mlp=[16, 1024, 2048, 3072]),
+}
+
+# the attention kernels that accept qk != v: flash (and cuDNN) attention need equal head dims
+UNEQUAL_DIMS_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # platform.processor() is just "x86_64" on Linux; the model name is in /proc/cpuinfo
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _patch_grid(tokens: int) -> tuple[int, bool]:
+    """(patches per side, distilled) for a token count: 197 = 14² + cls, 198 = 14² + cls + dist."""
+    for prefix, distilled in ((1, False), (2, True)):
+        side = math.isqrt(tokens - prefix)
+        if side >= 1 and side * side == tokens - prefix:
+            return side, distilled
+    raise ValueError(f"tokens={tokens} is not a square number of patches plus 1 (cls) or 2 (cls + dist)")
+
+
+def _base_model(emb: int, tokens: int, num_classes: int, patch_size: int) -> PrunableViT:
+    """A compact PrunableViT with its blocks removed: patch embed, tokens, pos embed, norm, head."""
+    side, distilled = _patch_grid(tokens)
+    model = PrunableViT(ViTDims(emb, (1,), (8,), (8,), (16,)), img_size=side * patch_size,
+                        patch_size=patch_size, num_classes=num_classes, distilled=distilled, masked=False)
+    model.blocks = nn.ModuleList()
+    return model
+
+
+def _round(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def profile_lut(grid: dict[str, list[int]], tokens: int = 197, batch_size: int = 32, device: str = "cpu",
+                dtype: str = "float32", warmup: int = 3, repeats: int = 10, num_classes: int = 1000,
+                patch_size: int = 16, progress: bool = True, num_threads: int | None = None,
+                rounds: int = 3, stack: int = 12, same_qk_v: bool = True, model: str = "custom",
+                seed: int = 0) -> LookupTableLatency:
+    """Profile the per-block latency table over `grid` (and the non-block base at every emb).
+
+    Every grid point is timed as a compact model of `stack` identical blocks, minus the same model
+    without blocks. `stack` = the depth of the models to predict is the most faithful: at batch 1 a
+    block's time depends on its neighbours evicting its weights from the caches; at large batches
+    activations dominate and a few blocks (e.g. 4) give the same per-block time. The 5-D table is
+    timed with the attention kernels that accept qk ≠ v; with `same_qk_v`, blocks with qk = v (every
+    qk value also in the v grid) are timed again with all kernels, for the table's qk = v part.
+
+    The grid is swept `rounds` times, each time in a fresh random order, and every point keeps the
+    median of its per-round medians (as `measure_ms`): a burst of load from other processes, or a
+    faster spell, then spoils one sweep of a few points, not the table. `num_threads` (default: the
+    current setting) is recorded in the meta.
+    """
+    from tqdm.auto import tqdm
+
+    missing = set(AXES) - set(grid)
+    if missing:
+        raise ValueError(f"profile grid misses axes {sorted(missing)}; needs {AXES}")
+    grid = {a: sorted({int(g) for g in grid[a]}) for a in AXES}
+    same_grid = sorted(set(grid["qk"]) & set(grid["v"])) if same_qk_v else []
+    device_t, dtype_t = torch.device(device), _torch_dtype(dtype)
+    side, distilled = _patch_grid(tokens)
+    old_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    rng = random.Random(seed)  # the sweep order; weights stay random (their values do not matter)
+    # per-round timings, reduced by a median over rounds at the end
+    model_ms = torch.full((rounds, *(len(grid[a]) for a in AXES)), math.nan, dtype=torch.float64)
+    same_ms = torch.full((rounds, len(grid["emb"]), len(grid["heads"]), len(same_grid), len(grid["mlp"])),
+                         math.nan, dtype=torch.float64)
+    # (table, index, dims) of every timed model
+    jobs = [(model_ms, idx, tuple(grid[a][i] for a, i in zip(AXES, idx)))
+            for idx in itertools.product(*(range(len(grid[a])) for a in AXES))]
+    jobs += [(same_ms, idx, (grid["emb"][idx[0]], grid["heads"][idx[1]], same_grid[idx[2]],
+                             same_grid[idx[2]], grid["mlp"][idx[3]]))
+             for idx in itertools.product(*(range(n) for n in same_ms.shape[1:]))]
+    base_ms = torch.full((rounds, len(grid["emb"])), math.nan, dtype=torch.float64)
+    images = torch.randn(batch_size, 3, side * patch_size, side * patch_size, device=device_t, dtype=dtype_t)
+    start = time.perf_counter()
+    bar = tqdm(total=rounds * (len(jobs) + len(grid["emb"])), desc=f"profiling b{batch_size} {device}",
+               disable=not progress)
+    try:
+        for r in range(rounds):
+            bases = {e: _base_model(e, tokens, num_classes, patch_size).eval().to(device_t, dtype_t)
+                     for e in grid["emb"]}
+            for i, base in enumerate(bases.values()):
+                base_ms[r, i] = measure_ms(lambda m=base: m(images), device_t, warmup, repeats)
+                bar.update()
+            # a random order keeps a slow spell from biasing one corner of the table, which
+            # interpolation would turn into wrong latency differences
+            rng.shuffle(jobs)
+            for table, idx, (emb, heads, qk, v, mlp) in jobs:
+                net = bases[emb]
+                # fresh blocks every round: keeping all grid points alive would need GBs for DeiT-B
+                net.blocks = nn.ModuleList(Block(emb, heads, qk, v, mlp, masked=False) for _ in range(stack))
+                net.eval().to(device_t, dtype_t)
+                kernels = nullcontext() if table is same_ms else sdpa_kernel(UNEQUAL_DIMS_BACKENDS)
+                with kernels:
+                    table[(r, *idx)] = measure_ms(lambda m=net: m(images), device_t, warmup, repeats)
+                bar.update()
+            for net in bases.values():
+                net.blocks = nn.ModuleList()
+        num_threads = torch.get_num_threads()
+    finally:
+        bar.close()
+        torch.set_num_threads(old_threads)
+    base = base_ms.nanquantile(0.5, dim=0)
+    block_ms = _per_block(model_ms.nanquantile(0.5, dim=0), base.view(-1, 1, 1, 1, 1), stack)
+    same_block_ms = (_per_block(same_ms.nanquantile(0.5, dim=0), base.view(-1, 1, 1, 1), stack)
+                     if same_grid else None)
+    meta = dict(model=model, device=device_name(device_t), device_type=device_t.type,
+                dtype=str(dtype_t).removeprefix("torch."), batch_size=batch_size, tokens=tokens,
+                distilled=distilled, num_classes=num_classes, patch_size=patch_size,
+                num_threads=num_threads, torch=torch.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"), warmup=warmup,
+                repeats=repeats, rounds=rounds, stack=stack,
+                steady_malloc=device_t.type == "cpu" and steady_malloc(),
+                profile_seconds=round(time.perf_counter() - start, 1), host=platform.node(), grid=grid)
+    return LookupTableLatency(grid, block_ms, grid["emb"], [_round(m) for m in base.tolist()], meta,
+                              same_grid or None, same_block_ms)
+
+
+def _per_block(model_ms: Tensor, base_ms: Tensor, stack: int) -> Tensor:
+    """(model - model without blocks) / stack, rounded to 4 significant digits."""
+    block_ms = (model_ms - base_ms) / stack
+    # a difference of two noisy timings: only a tiny block on a loaded machine can make it <= 0
+    floor = 1e-3 * model_ms / stack
+    if bool((block_ms < floor).any()):
+        warnings.warn(f"{int((block_ms < floor).sum())} grid points measured no slower than the model "
+                      f"without blocks; clamped. Re-profile on an idle machine or with a larger --stack",
+                      stacklevel=3)
+    return torch.maximum(block_ms, floor).apply_(_round)
+
+
+def load_or_profile(path: str | Path, preset: str = "deit_tiny", tokens: int = 197, batch_size: int = 32,
+                    device: str = "cpu", dtype: str = "float32", **profile_kwargs: object) -> LookupTableLatency:
+    """The table cached at `path` when it was profiled for this preset's grid, tokens, batch size,
+    device type and dtype; otherwise profile it now (`profile_lut(**profile_kwargs)`) and cache it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    grid = PRESETS[preset]
+    wanted = dict(model=preset, tokens=tokens, batch_size=batch_size, device_type=torch.device(device).type,
+                  dtype=str(_torch_dtype(dtype)).removeprefix("torch."), grid=grid)
+    path = Path(path)
+    if path.is_file():
+        try:
+            table = LookupTableLatency.load(path)
+        except CorruptTableError as err:
+            print(f"{err}; profiling a new one")
+        else:
+            stale = {k: (table.meta.get(k), v) for k, v in wanted.items() if table.meta.get(k) != v}
+            if not stale:
+                return table
+            print(f"latency table {path} does not match ({stale}); profiling a new one")
+    table = profile_lut(grid, tokens=tokens, batch_size=batch_size, device=device, dtype=dtype,
+                        model=preset, **profile_kwargs)  # type: ignore[arg-type]
+    table.save(path)
+    return table
+
+
+# ---- check: predicted vs measured -------------------------------------------------------------------
+def load_arch(path: str | Path) -> tuple[ViTDims, dict]:
+    """Dims and PrunableViT config from a `save_pretrained` directory or its dims.json, or a
+    plain ViTDims json. A masked checkpoint is reduced to its live dims (what `compact()` keeps)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"dims file {path} not found")
+    data = json.loads(path.read_text())
+    if "dims" not in data:  # a plain ViTDims json
+        return ViTDims.from_dict(data), {}
+    config = {k: v for k, v in data.items() if k not in ("architecture", "attn_scale_dims")}
+    dims = ViTDims.from_dict(config.pop("dims"))
+    if config.pop("masked", False) and (path.parent / WEIGHTS_FILE).is_file():
+        dims = PrunableViT.from_pretrained(path.parent).live_dims()
+    return dims, config
+
+
+def check_table(table: LookupTableLatency, dims: ViTDims, config: dict | None = None,
+                device: str | None = None, warmup: int = 3, repeats: int = 10,
+                rounds: int = 3) -> dict[str, float]:
+    """Build the compact model, time full forwards as the table was profiled, compare to the prediction."""
+    meta = table.meta
+    config = dict(config or {})
+    if not config:  # plain dims: the table's own image geometry
+        side, distilled = _patch_grid(meta["tokens"])
+        config = dict(img_size=side * meta.get("patch_size", 16), patch_size=meta.get("patch_size", 16),
+                      num_classes=meta.get("num_classes", 1000), distilled=distilled)
+    patches = (config.get("img_size", 224) // config.get("patch_size", 16)) ** 2
+    tokens = patches + (2 if config.get("distilled", False) else 1)
+    if tokens != meta.get("tokens"):
+        raise ValueError(f"the model has {tokens} tokens per image but the table was profiled for "
+                         f"{meta.get('tokens')}; profile a table with --tokens {tokens}")
+    device_t = torch.device(device or meta.get("device_type", "cpu"))
+    dtype_t = _torch_dtype(meta.get("dtype", "float32"))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(int(meta.get("num_threads", old_threads)))
+    try:
+        model = PrunableViT(dims, **config, masked=False).eval().to(device_t, dtype_t)
+        size = config.get("img_size", 224)
+        images = torch.randn(meta["batch_size"], config.get("in_chans", 3), size, size,
+                             device=device_t, dtype=dtype_t)
+        measured = measure_ms(lambda: model(images), device_t, warmup, repeats, rounds)
+    finally:
+        torch.set_num_threads(old_threads)
+    predicted = table.model_latency(dims)
+    return dict(predicted_ms=predicted, measured_ms=measured, rel_error=(predicted - measured) / measured)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nvit_lightning.pruning.profiler",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="profile a block latency lookup table")
+    p.add_argument("--out", required=True, help="output table (.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="grid preset; --emb etc. override its axes")
+    for axis in AXES:
+        p.add_argument(f"--{axis}", type=_int_list, help=f"comma-separated {axis} grid values")
+    p.add_argument("--model", help="model family recorded in the meta (default: the preset, or 'custom')")
+    p.add_argument("--tokens", type=int, default=197, help="tokens per image (198 for distilled DeiT)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per point and round")
+    p.add_argument("--rounds", type=int, default=3, help="sweeps over the grid; each point keeps its median")
+    p.add_argument("--stack", type=int, default=12,
+                   help="identical blocks per timed model: the depth of the models to predict")
+    p.add_argument("--no-same-qk-v", action="store_true",
+                   help="skip the qk = v table (fused attention kernels that need equal head dims)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("check", help="predicted vs measured latency of a compact model")
+    c.add_argument("--table", required=True)
+    c.add_argument("--dims", required=True,
+                   help="dims.json / directory from PrunableViT.save_pretrained, or a ViTDims json")
+    c.add_argument("--device", help="default: the table's device type")
+    c.add_argument("--warmup", type=int, default=3)
+    c.add_argument("--repeats", type=int, default=10)
+    c.add_argument("--rounds", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "profile":
+        grid = dict(PRESETS[args.preset]) if args.preset else {}
+        grid.update({a: getattr(args, a) for a in AXES if getattr(args, a)})
+        missing = [a for a in AXES if a not in grid]
+        if missing:
+            raise SystemExit(f"no grid for {missing}: pass --preset or --{' --'.join(missing)}")
+        table = profile_lut(grid, tokens=args.tokens, batch_size=args.batch_size, device=args.device,
+                            dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
+                            num_classes=args.num_classes, patch_size=args.patch_size,
+                            progress=not args.no_progress, num_threads=args.threads, rounds=args.rounds,
+                            stack=args.stack, same_qk_v=not args.no_same_qk_v,
+                            model=args.model or args.preset or "custom")
+        table.save(args.out)
+        print(f"wrote {args.out}: {table.describe()} in {table.meta['profile_seconds']} s")
+    else:
+        table = LookupTableLatency.load(args.table)
+        dims, config = load_arch(args.dims)
+        result = check_table(table, dims, config, args.device, args.warmup, args.repeats, args.rounds)
+        print(table.describe())
+        print(f"predicted {result['predicted_ms']:.3f} ms  measured {result['measured_ms']:.3f} ms  "
+              f"relative error {100 * result['rel_error']:+.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

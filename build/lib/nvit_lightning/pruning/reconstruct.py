@@ -1,0 +1,220 @@
+"""Closed-form weight reconstruction after structural pruning.
+
+Removing a head, V dims or MLP neurons removes their contribution to the residual stream. The layer
+that writes it into the stream (`attn.proj` for heads and V dims, `mlp.fc2` for MLP neurons) can
+absorb most of that loss: refit on calibration activations, its kept columns reproduce the
+reference model's output as well as a linear map of the kept inputs can (the least-squares
+compensation of CORP / OBS-style pruning). Refitting block by block, in order, on the pruned
+model's own activations also lets each layer correct the error left by the blocks before it.
+
+With `target="reference"` (the default) every refit layer is fitted so that the pruned model's
+residual stream after it matches the reference model's at the same point; with `target="local"` it
+reproduces the reference layer on the pruned model's inputs (compensation only, no error feedback).
+`q, k, v` and `fc1` (reading the stream) can be refit too, to the reference model's projections of
+its own stream; this matters once EMB channels are pruned.
+
+Ridge regression in float64 from accumulated normal equations: `W = (XᵀX + λI)⁻¹ XᵀY` with
+`λ = damping · mean(diag XᵀX)`, bias unpenalised. Pruned slices stay zero, so the masked model still
+compacts exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models import PrunableViT
+
+LAYERS = ("qkv", "proj", "fc1", "fc2")
+TARGETS = ("reference", "local")
+
+
+@dataclass
+class FitResult:
+    """Relative squared error `‖XW − Y‖² / ‖Y‖²` of one refit layer, before and after."""
+
+    layer: str
+    error_before: float
+    error_after: float
+
+
+class _NormalEquations:
+    """Accumulates XᵀX, XᵀY, YᵀY (float64) for `Y ≈ X W + b` over token batches."""
+
+    def __init__(self, n_in: int, n_out: int, device: torch.device) -> None:
+        self.xtx = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(n_in + 1, n_out, dtype=torch.float64, device=device)
+        self.yty = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        # float32 products of one batch (a few thousand tokens), summed across batches in float64
+        x = torch.cat([x.reshape(-1, x.shape[-1]), x.new_ones(x[..., :1].numel(), 1)], 1).float()  # T, in+1
+        y = y.reshape(-1, y.shape[-1]).float()  # T, out
+        self.xtx += (x.T @ x).double()
+        self.xty += (x.T @ y).double()
+        self.yty += y.double().square().sum()
+
+    def error(self, w: Tensor) -> float:
+        """Relative squared error of the (in+1, out) solution `w` (last row: the bias)."""
+        w = w.double()
+        sse = (w * (self.xtx @ w)).sum() - 2 * (w * self.xty).sum() + self.yty
+        return float(sse.clamp_min(0) / self.yty.clamp_min(1e-30))
+
+    def solve(self, damping: float) -> Tensor:
+        n = self.xtx.shape[0] - 1
+        ridge = damping * self.xtx.diagonal()[:n].mean().clamp_min(1e-12)
+        lhs = self.xtx.clone()
+        lhs.diagonal()[:n] += ridge
+        return torch.linalg.solve(lhs, self.xty)  # in+1, out
+
+
+def _live(mask: Tensor | None, size: int, device: torch.device) -> Tensor:
+    return torch.arange(size, device=device) if mask is None else mask.nonzero().flatten()
+
+
+def _outer_live(outer: Tensor | None, inner: Tensor | None, n_outer: int, n_inner: int,
+                device: torch.device) -> Tensor:
+    """Flat indices of the live (outer, inner) pairs of a (n_outer * n_inner) axis, e.g. (head, v)."""
+    o = torch.ones(n_outer, device=device) if outer is None else outer
+    i = torch.ones(n_inner, device=device) if inner is None else inner
+    return (o[:, None] * i[None, :]).flatten().nonzero().flatten()
+
+
+class _Refit:
+    """One linear layer's refit: accumulate (input, target) over batches, then solve and write the
+    live block of its weight and bias."""
+
+    def __init__(self, name: str, linear: nn.Linear, rows: Tensor, cols: Tensor) -> None:
+        self.name, self.linear, self.rows, self.cols = name, linear, rows, cols
+        self.equations = _NormalEquations(len(cols), len(rows), linear.weight.device)
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        """x: the layer's full input (..., in); y: the wanted full output (..., out)."""
+        self.equations.add(x[..., self.cols], y[..., self.rows])
+
+    def current(self) -> Tensor:
+        w = self.linear.weight[self.rows][:, self.cols].T  # in, out
+        b = self.linear.bias[self.rows] if self.linear.bias is not None else torch.zeros_like(w[0])
+        return torch.cat([w, b[None]], 0)
+
+    def apply(self, damping: float) -> FitResult:
+        before = self.equations.error(self.current())
+        solution = self.equations.solve(damping)
+        after = self.equations.error(solution)
+        if not after < before:  # the ridge never makes it worse on the fit data; keep the old weights
+            return FitResult(self.name, before, before)
+        weight = self.linear.weight
+        rows, cols = self.rows[:, None], self.cols[None, :]
+        weight[rows, cols] = solution[:-1].T.to(weight.dtype)
+        if self.linear.bias is not None:
+            self.linear.bias[self.rows] = solution[-1].to(weight.dtype)
+        return FitResult(self.name, before, after)
+
+
+@torch.no_grad()
+def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Tensor | Sequence[Tensor]],
+                layers: Sequence[str] = ("proj", "fc2"), target: str = "reference", damping: float = 0.01,
+                device: str | torch.device = "cpu", progress: bool = True) -> list[FitResult]:
+    """Refit `layers` of the masked `model` block by block so that it reproduces `reference` (the
+    model before pruning, same weights layout) on `images` (tensors, or (images, labels) batches).
+
+    Returns the relative error of every refit layer before and after its refit.
+    """
+    _check_options(layers, target, damping)
+    if not model.masked:
+        raise ValueError("reconstruct works on the masked model (before compact())")
+    device = torch.device(device)
+    model.to(device).eval()
+    reference.to(device).eval()
+    batches = [(b[0] if isinstance(b, list | tuple) else b).to(device) for b in images]
+    if not batches:
+        raise ValueError("reconstruct needs at least one calibration batch")
+    emb_mask, ref_mask = model.emb_mask, reference.emb_mask_or_none
+    emb = _live(emb_mask, model.dims.emb, device)
+    ours = [model.embed(x.float()) for x in batches]  # the pruned model's residual stream
+    theirs = [reference.embed(x.float()) for x in batches]  # the reference model's
+    results: list[FitResult] = []
+    for i, (block, ref) in enumerate(tqdm(list(zip(model.blocks, reference.blocks)), desc="reconstruct",
+                                          leave=False, disable=not progress)):
+        a, ra = block.attn, ref.attn
+        # ---- attention: q, k, v (read the stream), then proj (writes it) ----------------------------
+        normed = [block.norm1(x, emb_mask) for x in ours]
+        if "qkv" in layers:
+            qk_rows = _outer_live(a.head_mask, a.qk_mask, a.num_heads, a.qk_dim, device)
+            v_rows = _outer_live(a.head_mask, a.v_mask, a.num_heads, a.v_dim, device)
+            fits = [_Refit(f"blocks.{i}.attn.{n}", getattr(a, n), r, emb)
+                    for n, r in (("q", qk_rows), ("k", qk_rows), ("v", v_rows))]
+            ref_in = [ref.norm1(x, ref_mask) for x in theirs] if target == "reference" else normed
+            for h, h_ref in zip(normed, ref_in):
+                for fit, ref_linear in zip(fits, (ra.q, ra.k, ra.v)):
+                    fit.add(h, ref_linear(h_ref))
+            results += [fit.apply(damping) for fit in fits]
+        heads_out = [a.attend(h) for h in normed]  # B, N, heads * v
+        attn_ref = [ra(ref.norm1(x, ref_mask)) for x in theirs]
+        if "proj" in layers:
+            cols = _outer_live(a.head_mask, a.v_mask, a.num_heads, a.v_dim, device)
+            fit = _Refit(f"blocks.{i}.attn.proj", a.proj, emb, cols)
+            for x, o, x_ref, r in zip(ours, heads_out, theirs, attn_ref):
+                fit.add(o, x_ref + r - x if target == "reference" else ra(ref.norm1(x, ref_mask)))
+            results.append(fit.apply(damping))
+        ours = [_masked(x + a.proj(o), emb_mask) for x, o in zip(ours, heads_out)]
+        theirs = [_masked(x + r, ref_mask) for x, r in zip(theirs, attn_ref)]
+        # ---- MLP: fc1 (reads the stream), then fc2 (writes it) -----------------------------------------
+        m, rm = block.mlp, ref.mlp
+        normed = [block.norm2(x, emb_mask) for x in ours]
+        if "fc1" in layers:
+            fit = _Refit(f"blocks.{i}.mlp.fc1", m.fc1, _live(m.mask, m.fc1.out_features, device), emb)
+            ref_in = [ref.norm2(x, ref_mask) for x in theirs] if target == "reference" else normed
+            for h, h_ref in zip(normed, ref_in):
+                fit.add(h, rm.fc1(h_ref))
+            results.append(fit.apply(damping))
+        hidden = [m.hidden(h) for h in normed]  # B, N, mlp
+        mlp_ref = [rm(ref.norm2(x, ref_mask)) for x in theirs]
+        if "fc2" in layers:
+            fit = _Refit(f"blocks.{i}.mlp.fc2", m.fc2, emb, _live(m.mask, m.fc2.in_features, device))
+            for x, hd, x_ref, r in zip(ours, hidden, theirs, mlp_ref):
+                fit.add(hd, x_ref + r - x if target == "reference" else rm(ref.norm2(x, ref_mask)))
+            results.append(fit.apply(damping))
+        ours = [_masked(x + m.fc2(hd), emb_mask) for x, hd in zip(ours, hidden)]
+        theirs = [_masked(x + r, ref_mask) for x, r in zip(theirs, mlp_ref)]
+    return results
+
+
+def _check_options(layers: Sequence[str], target: str, damping: float) -> None:
+    unknown = set(layers) - set(LAYERS)
+    if unknown:
+        raise ValueError(f"reconstruction.layers: unknown {sorted(unknown)}; choose from {LAYERS}")
+    if target not in TARGETS:
+        raise ValueError(f"reconstruction.target must be one of {TARGETS}, got {target!r}")
+    if not damping > 0:
+        raise ValueError(f"reconstruction.damping must be > 0, got {damping}")
+
+
+def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x * mask
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """`reconstruct` with its options fixed, as configured (`conf/reconstruction/`): refit `layers`
+    on `batches` calibration batches."""
+
+    layers: Sequence[str] = ("proj", "fc2")
+    target: str = "reference"
+    damping: float = 0.01
+    batches: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        _check_options(self.layers, self.target, self.damping)
+        if self.batches < 1:
+            raise ValueError(f"reconstruction.batches must be >= 1, got {self.batches}")
+
+    def __call__(self, model: PrunableViT, reference: PrunableViT, batches: Sequence[Tensor | Sequence[Tensor]],
+                 device: str | torch.device = "cpu", progress: bool = True) -> list[FitResult]:
+        return reconstruct(model, reference, list(batches)[: self.batches], self.layers, self.target,
+                           self.damping, device, progress)

@@ -1,0 +1,105 @@
+"""report.json (dense vs pruned) and the summary table printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .models import PrunableViT
+from .pruning.latency import LatencyModel
+
+
+def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: float | None,
+                metrics: dict[str, float] | None, with_dims: bool) -> dict[str, Any]:
+    dims = model.live_dims()
+    size = model.size_of(dims)
+    entry = {"params": size["params"], "flops": size["macs"],
+             "latency_pred_ms": latency_model.model_latency(dims), "latency_measured_ms": measured_ms,
+             "top1": (metrics or {}).get("top1"), "top5": (metrics or {}).get("top5")}
+    if with_dims:
+        entry["dims"] = dims.to_dict()
+    return entry
+
+
+def write_report(path: str | Path, dense: dict, pruned: dict, target_latency: float, criterion: str,
+                 eta: float, latency_model: LatencyModel, timing: dict | None = None, **extra: Any) -> dict:
+    """report.json; `timing` is `app.measure_side_by_side`'s fresh-process measurement."""
+    if timing is not None:
+        ms = timing["ms"]
+        dense["latency_measured_ms"], pruned["latency_measured_ms"] = ms["dense"], ms["pruned"]
+        dense["latency_measured_timm_ms"] = ms.get("timm_dense")
+        pruned["speedup_vs_timm"] = ms["timm_dense"] / ms["pruned"] if "timm_dense" in ms else None
+    report = {"dense": dense, "pruned": pruned, "target_latency": target_latency, "criterion": criterion,
+              "eta": eta, "latency_model": latency_model.describe(), "timing": timing, **extra}
+    Path(path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summary_table(report: dict) -> str:
+    """Dense vs pruned: params, FLOPs, predicted and measured latency, speed-up, accuracy."""
+    dense, pruned = report["dense"], report["pruned"]
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if not a or not b else f"{a / b:.2f}x"
+
+    rows = [
+        ("params (M)", fmt(dense["params"] / 1e6, ".2f"), fmt(pruned["params"] / 1e6, ".2f"),
+         ratio(dense["params"], pruned["params"])),
+        ("FLOPs (GMAC)", fmt(dense["flops"] / 1e9, ".3f"), fmt(pruned["flops"] / 1e9, ".3f"),
+         ratio(dense["flops"], pruned["flops"])),
+        ("latency predicted (ms)", fmt(dense["latency_pred_ms"], ".4g"), fmt(pruned["latency_pred_ms"], ".4g"),
+         ratio(dense["latency_pred_ms"], pruned["latency_pred_ms"])),
+        ("latency measured (ms)", fmt(dense["latency_measured_ms"], ".4g"),
+         fmt(pruned["latency_measured_ms"], ".4g"),
+         ratio(dense["latency_measured_ms"], pruned["latency_measured_ms"])),
+        *([("latency measured, timm (ms)", fmt(dense["latency_measured_timm_ms"], ".4g"), "",
+            ratio(dense["latency_measured_timm_ms"], pruned["latency_measured_ms"]))]
+          if dense.get("latency_measured_timm_ms") else []),
+        ("top-1 (%)", fmt(dense["top1"], ".2f"), fmt(pruned["top1"], ".2f"), ""),
+        ("top-5 (%)", fmt(dense["top5"], ".2f"), fmt(pruned["top5"], ".2f"), ""),
+    ]
+    header = ("", "dense", "pruned", "speed-up / ratio")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    title = (f"target latency {report['target_latency']} · criterion {report['criterion']} · "
+             f"eta {report['eta']} · {report['latency_model']}")
+    timing = report.get("timing")
+    if timing:
+        lines.append(f"(measured in a fresh process, {timing['setup']['device']} {timing['setup']['dtype']} "
+                     f"batch {timing['setup']['batch_size']}; timm = timm's own dense module"
+                     f"{'; NOISY: the machine was busy' if timing.get('noisy') else ''})")
+    return title + "\n" + "\n".join(lines)
+
+
+def write_sparsity_report(path: str | Path, dense: dict, levels: list[dict], method: str, pattern: str,
+                          distribution: str, pruner: dict, **extra: Any) -> dict:
+    """report.json of `prune.py pruner=ovit | woodfisher | global_magnitude` and of the oViT sweep: the
+    dense model and one entry per sparsity level (top-1/top-5, model directory, per-layer sparsity);
+    the summary table is printed."""
+    report = {"dense": dense, "sparse": levels, "method": method, "pattern": pattern, "distribution": distribution,
+              "pruner": pruner, **extra}
+    Path(path).write_text(json.dumps(report, indent=2))
+    print(f"\n{sparsity_table(report)}\n\nreport: {path}")
+    return report
+
+
+def sparsity_table(report: dict) -> str:
+    """One row per sparsity level: achieved sparsity, accuracy, model directory."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    dense = report["dense"]
+    rows = [("dense", "0.000", pct(dense.get("top1")), pct(dense.get("top5")), "")]
+    rows += [(f"{e['sparsity']:.2f}", f"{e['achieved']:.3f}", pct(e.get("top1")), pct(e.get("top5")), e["dir"])
+             for e in report["sparse"]]
+    header = ("sparsity", "achieved", "top-1 (%)", "top-5 (%)", "model")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return f"{report['method']} · {report['pattern']} · {report['distribution']}\n" + "\n".join(lines)

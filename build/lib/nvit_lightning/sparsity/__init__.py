@@ -1,0 +1,11 @@
+"""oViT: second-order (OBS) unstructured and N:M sparsity of a ViT's linears, with baselines."""
+
+from .fisher import block_fisher, damped_inverse
+from .layers import Blocks, layer_sparsity, sparsifiable_layers
+from .obs import obs_order, obs_prune, obs_scores
+from .select import removal_counts
+from .sparsifier import MagnitudeSparsifier, OBSSparsifier, Sparsifier, parse_pattern
+
+__all__ = ["Blocks", "MagnitudeSparsifier", "OBSSparsifier", "Sparsifier", "block_fisher", "damped_inverse",
+           "layer_sparsity", "obs_order", "obs_prune", "obs_scores", "parse_pattern", "removal_counts",
+           "sparsifiable_layers"]
