@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from nvit_lightning.app import build, build_run, pruning_options, setup_environment
+from nvit_lightning.app import build, build_run, is_latency_search, pruning_options, setup_environment
 from nvit_lightning.evaluation import evaluate
 from nvit_lightning.models import PrunableViT, from_timm
 from nvit_lightning.oneshot import prune_one_shot, recover
@@ -44,12 +44,13 @@ UNIT_GROUPS = dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1)
 OURS: dict[str, list[str]] = {
     "ours": [],
     "ours, no reconstruction": ["reconstruct=false"],
+    "saliency events (hessian) + reconstruction": ["pruner=oneshot"],
     "NViT paper ranking (hessian, η=0, every kind), no reconstruction": [
         "pruner=hessian", "pruner.ranking=penalty", "pruner.eta=0", "reconstruct=false",
         "pruner.group_sizes={emb: 16, head: 1, qk: 8, v: 8, mlp: 16}",
         "pruner.divisors={emb: 12, head: 12, qk: 2, v: 2, mlp: 1}"],
-    "magnitude + reconstruction": ["pruner.criterion=magnitude"],
-    "random + reconstruction": ["pruner.criterion=random"],
+    "magnitude + reconstruction": ["pruner=oneshot", "pruner.criterion=magnitude"],
+    "random + reconstruction": ["pruner=oneshot", "pruner.criterion=random"],
 }
 # Torch-Pruning 1.6.1: (importance, global ranking)
 TORCH_PRUNING = {
@@ -71,6 +72,10 @@ def our_candidates(overrides: list[str], grid: list[float], batches: Batches) ->
     """Masks at every predicted-latency target of `grid`, from one pruning run with this variant."""
     cfg, _, dense, latency_model = load_setup(overrides)
     model = copy.deepcopy(dense)
+    if is_latency_search(cfg.pruner):  # one set of traces serves every target
+        search = build(cfg.pruner, target=min(grid), snapshots=[t for t in grid if t != min(grid)])
+        pruned = search(model, latency_model, batches[: cfg.calib_batches])
+        return {t: _masks(m) for t, m in pruned.items()}
     options = {**pruning_options(cfg.pruner), "targets": grid}
     _, criterion, pruner = build_pruning(model, latency_model, **options)
     masks: dict[float, dict] = {}

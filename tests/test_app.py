@@ -27,9 +27,10 @@ setup_environment()
 # every structure kind competes in fixed-size events (the small model's floor with the demo's MLP +
 # heads alone is 0.63 of its FLOPs latency)
 ALL_KINDS = ["pruner.kinds=[emb,head,qk,v,mlp]", "pruner.latency_step=null", "pruner.groups_per_event=8"]
-SMALL = [*ALL_KINDS, "model=small_random", "data=synthetic", "latency=flops", "latency.tokens=17", "logger=none",
-         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "evaluate=true",
-         "measure_latency=false", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+BASE = ["model=small_random", "data=synthetic", "latency=flops", "latency.tokens=17", "logger=none",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "evaluate=true",
+        "measure_latency=false", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+SMALL = ["pruner=gradual", *ALL_KINDS, *BASE]  # the saliency pruner, every kind competing
 QUIET_CALLBACKS = ["~callbacks.progress_bar"]
 
 
@@ -56,8 +57,8 @@ def test_default_config_is_the_demo(tmp_path: Path) -> None:
     demo = compose_cfg("train", ["+experiment=demo"], tmp_path)
     assert default == demo
     assert default.model.timm_name == "deit_tiny_patch16_224"
-    assert default.pruner.target == 0.65 and default.pruner.criterion == "hessian"
-    assert list(default.pruner.kinds) == ["head", "mlp"] and default.reconstruct
+    assert default.pruner.target == 0.65 and default.pruner._target_.endswith("search.LatencySearch")
+    assert dict(default.pruner.group_sizes) == {"head": 1, "mlp": 16} and default.reconstruct
     assert default.latency.path.endswith("deit_tiny_cpu_b32.json")
     assert default.trainer.accelerator == "cpu"
 
@@ -107,6 +108,43 @@ def test_prune_one_shot_with_recovery_and_export(tmp_path: Path) -> None:
     assert report["criterion"] == "taylor" and report["recovery_steps"] == 2
     assert report["pruned"]["latency_pred_ms"] <= 0.6 * report["dense"]["latency_pred_ms"]
     assert PrunableViT.from_pretrained(tmp_path / "prune" / "model").dims.to_dict() == report["pruned"]["dims"]
+
+
+def test_prune_latency_search_writes_each_target_refit_and_exact(tmp_path: Path) -> None:
+    """`pruner=obs_search`: every target met from one set of traces, heads / MLP only, refit models."""
+    report = run_prune([*BASE, "pruner=obs_search", "pruner.target=0.7", "pruner.snapshots=[0.85]",
+                        "pruner.group_sizes.mlp=8", "calib_batches=2", "reconstruction.batches=2"], tmp_path)
+    assert report["criterion"] == "obs_search" and report["pruner"]["row_weights"] == "uniform"
+    dense_ms = report["dense"]["latency_pred_ms"]
+    assert report["pruned"]["latency_pred_ms"] <= 0.7 * dense_ms + 1e-9
+    final = PrunableViT.from_pretrained(tmp_path / "model")
+    assert final.dims.to_dict() == report["pruned"]["dims"] and final.dims.emb == 64
+    assert all(m % 8 == 0 and m >= 8 for m in final.dims.mlp) and min(final.dims.heads) >= 1
+    snapshot = PrunableViT.from_pretrained(tmp_path / "snapshots" / "target_0.85")
+    assert snapshot.num_params() > final.num_params()
+    # the refit changed the weights that read the pruned units (fc2 of block 0 differs from dense)
+    dense = build_run(compose_cfg("prune", BASE, tmp_path / "dense"))[1]  # same seed
+    kept = final.dims.mlp[0]
+    assert final.blocks[0].mlp.fc2.weight.shape == (64, kept)
+    assert not any(torch.allclose(final.blocks[0].mlp.fc2.weight, dense.blocks[0].mlp.fc2.weight[:, idx])
+                   for idx in [torch.arange(kept)])
+    with pytest.raises(ValueError, match="bad config option"):
+        run_prune([*BASE, "pruner=obs_search", "+pruner.eta=1"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="unreachable: removing heads and MLP neurons alone"):
+        run_prune([*BASE, "pruner=obs_search", "pruner.target=0.5"], tmp_path / "floor")
+
+
+def test_train_with_latency_search_prunes_once_then_finetunes(tmp_path: Path) -> None:
+    report = run_train([*BASE, "pruner=obs_search", "pruner.target=0.75", "pruner.group_sizes.mlp=8",
+                        "calib_batches=2", "schedule.finetune_epochs=1"], tmp_path)
+    assert report["criterion"] == "obs_search" and report["events"] == 0
+    assert report["pruned"]["latency_pred_ms"] <= 0.75 * report["dense"]["latency_pred_ms"] + 1e-9
+    snapshot = PrunableViT.from_pretrained(tmp_path / "snapshots" / "target_0.75")
+    final = PrunableViT.from_pretrained(tmp_path / "model")
+    assert snapshot.dims == final.dims  # stage 2 fine-tunes the searched architecture
+    assert not torch.equal(snapshot.blocks[0].mlp.fc2.weight, final.blocks[0].mlp.fc2.weight)
+    with pytest.raises(ValueError, match="no stage-1 checkpoint"):
+        run_train([*BASE, "pruner=obs_search", "ckpt_path=last"], tmp_path / "resume")
 
 
 def test_export_mode_compacts_a_train_checkpoint(tmp_path: Path) -> None:
@@ -334,7 +372,8 @@ def test_help_describes_the_application(script: str, tmp_path: Path) -> None:
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith(f"{script}: ") and f"python {script}" in result.stdout
-    groups = "pruner: demo, global_magnitude, hessian, magnitude, oneshot, ovit, random, taylor, woodfisher"
+    groups = ("pruner: demo, global_magnitude, gradual, hessian, magnitude, obs_search, oneshot, ovit, random, "
+              "taylor, woodfisher")
     assert groups in result.stdout  # the config groups
     assert "target:" in result.stdout and "README.md" in result.stdout
 
@@ -352,7 +391,7 @@ def test_multirun_sweep_writes_one_report_per_job(tmp_path: Path) -> None:
     assert seen == {(0.0, 0.5), (0.0, 0.7), (1e-6, 0.5), (1e-6, 0.7)}
 
 
-SPARSE_SMALL = [o for o in SMALL if o not in ALL_KINDS]
+SPARSE_SMALL = BASE
 
 
 def run_sparsify(overrides: list[str], out_dir: Path) -> dict:

@@ -33,7 +33,7 @@ def run_ddp_train(overrides: list[str], tmp_path: Path) -> tuple[Path, Path]:
 
 def test_ddp_two_processes_agree_and_only_rank_zero_writes(tmp_path: Path) -> None:
     run_dir, dump_dir = run_ddp_train(
-        ["pruner.kinds=[emb,head,qk,v,mlp]", "pruner.latency_step=null", "pruner.interval=2",
+        ["pruner=gradual", "pruner.kinds=[emb,head,qk,v,mlp]", "pruner.latency_step=null", "pruner.interval=2",
          "pruner.groups_per_event=3", "pruner.group_sizes.emb=8", "pruner.target=0.6", "pruner.snapshots=[0.8]",
          "schedule.prune_max_epochs=20", "schedule.finetune_epochs=1"], tmp_path)
     for stage in ("prune", "finetune"):
@@ -55,6 +55,22 @@ def test_ddp_two_processes_agree_and_only_rank_zero_writes(tmp_path: Path) -> No
     for key, value in final.state_dict().items():
         assert torch.equal(value, finetuned[key])
     assert len(list(run_dir.rglob("report.json"))) == 1
+
+
+def test_ddp_latency_search_picks_the_same_architecture_on_every_rank(tmp_path: Path) -> None:
+    """pruner=obs_search: every rank searches and refits on the same calibration batches, then stage 2
+    runs under DDP; both ranks end with the same compact model, rank 0 alone writes."""
+    run_dir, dump_dir = run_ddp_train(
+        ["pruner=obs_search", "pruner.target=0.75", "pruner.group_sizes.mlp=8", "calib_batches=2",
+         "reconstruction.batches=2", "schedule.finetune_epochs=1"], tmp_path)
+    rank0, rank1 = (torch.load(dump_dir / f"finetune_rank{r}.pt")["compact"] for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["criterion"] == "obs_search"
+    assert report["pruned"]["latency_pred_ms"] <= 0.75 * report["dense"]["latency_pred_ms"] + 1e-9
+    assert [p.name for p in (run_dir / "snapshots").iterdir()] == ["target_0.75"]
 
 
 def test_ddp_sparsity_sweep_keeps_the_same_zeros_on_every_rank(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from ..models import KINDS
+from ..oneshot import snapshot_path
 from ..pruning.latency import LatencyModel
 from ..pruning.pruner import PruningEvent, build_pruning
 from ..pruning.reconstruct import Reconstruction
@@ -133,7 +134,7 @@ class GlobalPruning(L.Callback):
     def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, target: float) -> None:
         if self.snapshot_dir is None:
             return
-        path = self.snapshot_dir / f"target_{target:.2f}"
+        path = snapshot_path(self.snapshot_dir, target)
         if trainer.is_global_zero:
             pl_module.student.compact().save_pretrained(path)
             log.info(f"latency target {target} reached: compact snapshot in {path}")

@@ -24,6 +24,7 @@ from nvit_lightning.app import (
     config_dir,
     describe_model,
     describe_sparse,
+    is_latency_search,
     is_sparsifier,
     log,
     measure_side_by_side,
@@ -33,7 +34,7 @@ from nvit_lightning.app import (
     val_accuracy,
 )
 from nvit_lightning.models import PrunableViT
-from nvit_lightning.oneshot import prune_one_shot, recover
+from nvit_lightning.oneshot import prune_one_shot, recover, search_and_refit, snapshot_path
 from nvit_lightning.pruning import build_pruning
 from nvit_lightning.report import summary_table, write_report, write_sparsity_report
 
@@ -66,10 +67,14 @@ def export(cfg: DictConfig) -> dict:
 
 
 def prune(cfg: DictConfig) -> dict:
+    """Structural pruning to `pruner.target` (and `pruner.snapshots`): the NViT saliency ranking in
+    events (`pruner=oneshot | hessian | taylor | ...`) or the latency search (`pruner=obs_search`)."""
     out_dir = Path(cfg.paths.output_dir)
+    search = build(cfg.pruner) if is_latency_search(cfg.pruner) else None  # bad options fail first
     datamodule, model, latency_model = build_run(cfg)
     dense_model = copy.deepcopy(model).eval()  # the reference: before any pruning hook is attached
-    _, criterion, pruner = build_pruning(model, latency_model, **pruning_options(cfg.pruner))
+    if search is None:
+        _, criterion, pruner = build_pruning(model, latency_model, **pruning_options(cfg.pruner))
     reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
     save_config(cfg, out_dir)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
@@ -77,16 +82,24 @@ def prune(cfg: DictConfig) -> dict:
 
     needed = max(cfg.calib_batches, cfg.rescore_batches, reconstruction.batches if reconstruction else 0)
     batches = list(datamodule.calib_dataloader(needed))  # decoded once, reused by every pass
-    snapshots, compacts = {}, {}
+    if search is None:
+        compacts = {}
 
-    def on_target(target: float, snapshot: PrunableViT) -> None:
-        compacts[target] = snapshot.compact()
-        path = out_dir / "snapshots" / f"target_{target:.2f}"
-        compacts[target].save_pretrained(path)
-        snapshots[target] = str(path)
+        def on_target(target: float, snapshot: PrunableViT) -> None:
+            compacts[target] = snapshot.compact()
+            compacts[target].save_pretrained(snapshot_path(out_dir / "snapshots", target))
 
-    events = prune_one_shot(model, dense_model, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches,
-                            cfg.rescore, reconstruction, on_target, lambda e: log.info(e.summary()), device)
+        events = prune_one_shot(model, dense_model, pruner, criterion, batches, cfg.calib_batches,
+                                cfg.rescore_batches, cfg.rescore, reconstruction, on_target,
+                                lambda e: log.info(e.summary()), device)
+        method, history = {"criterion": cfg.pruner.criterion, "eta": cfg.pruner.eta}, [
+            {"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
+            for e in events]
+    else:
+        compacts = search_and_refit(search, model, dense_model, latency_model, batches, cfg.calib_batches,
+                                    reconstruction, device, out_dir / "snapshots")
+        method, history = {"criterion": search.name, "eta": None}, []
+    snapshots = {t: str(snapshot_path(out_dir / "snapshots", t)) for t in compacts}
     compact = compacts[float(cfg.pruner.target)]
     if cfg.recovery_steps > 0:
         d = cfg.distill
@@ -97,14 +110,13 @@ def prune(cfg: DictConfig) -> dict:
     compact.save_pretrained(out_dir / "model")
     pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
     timing = measure_side_by_side(dense_model, compact, latency_model, cfg)
-    p = cfg.pruner
-    report = write_report(out_dir / "report.json", dense, pruned, p.target, p.criterion, p.eta, latency_model,
-                          timing=timing, snapshots=snapshots, events=len(events), calib_batches=cfg.calib_batches,
-                          rescore=cfg.rescore, recovery_steps=cfg.recovery_steps,
+    report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, method["criterion"],
+                          method["eta"], latency_model, timing=timing, snapshots=snapshots, events=len(history),
+                          calib_batches=cfg.calib_batches, rescore=cfg.rescore and search is None,
+                          recovery_steps=cfg.recovery_steps,
+                          pruner=OmegaConf.to_container(cfg.pruner, resolve=True),
                           reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruct else None)
-    (out_dir / "pruning_history.json").write_text(json.dumps(
-        [{"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
-         for e in events], indent=1))
+    (out_dir / "pruning_history.json").write_text(json.dumps(history, indent=1))
     print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
     return report
 

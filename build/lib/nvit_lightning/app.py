@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -26,6 +26,7 @@ from .models import PrunableViT
 from .module import check_training_options
 from .pruning import build_pruning
 from .pruning.latency import LatencyModel
+from .pruning.search import LatencySearch
 from .report import model_entry
 from .sparsity import Sparsifier, layer_sparsity
 from .timing import prunable_spec, time_in_fresh_process, timm_spec
@@ -122,16 +123,33 @@ def check_latency_model(latency_model: LatencyModel, model: PrunableViT) -> None
         raise ValueError(f"the latency model does not cover this model: {err}") from None
 
 
+def _pruner_class(pruner: DictConfig) -> type | None:
+    """The class of a `_target_` pruner config (its class checks its own options); None for the
+    structural pruner's options (`build_pruning`)."""
+    if "_target_" not in pruner:
+        return None
+    try:
+        return get_class(pruner._target_)
+    except ImportError as err:
+        raise ValueError(f"pruner._target_={pruner._target_} cannot be imported: {err}") from None
+
+
 def is_sparsifier(pruner: DictConfig) -> bool:
-    """`pruner=ovit | woodfisher | global_magnitude`: a `_target_` sparsifier (its class checks its own
-    options), rather than the structural pruner's options."""
-    return "_target_" in pruner
+    """`pruner=ovit | woodfisher | global_magnitude`: unstructured / N:M sparsity."""
+    cls = _pruner_class(pruner)
+    return cls is not None and issubclass(cls, Sparsifier)
+
+
+def is_latency_search(pruner: DictConfig) -> bool:
+    """`pruner=obs_search`: one-shot structured OBS + per-block width search (`pruning.search`)."""
+    cls = _pruner_class(pruner)
+    return cls is not None and issubclass(cls, LatencySearch)
 
 
 def check_pruner_config(cfg: DictConfig) -> None:
     """Bad pruner values fail here, before any model or data is loaded."""
     p = cfg.pruner
-    if is_sparsifier(p):
+    if "_target_" in p:
         return
     known = set(inspect.signature(build_pruning).parameters) - {"model", "latency_model", "targets"}
     unknown = sorted(set(p) - known - {"target", "snapshots", "interval"})

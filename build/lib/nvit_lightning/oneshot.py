@@ -4,7 +4,9 @@ batches, and a short recovery fine-tune of the compact model with KL to the dens
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,7 +17,11 @@ from tqdm.auto import tqdm
 from .models import PrunableViT
 from .module import NViTModule
 from .pruning import Criterion, GlobalPruner, PruningEvent, prune_to_targets
+from .pruning.latency import LatencyModel
 from .pruning.reconstruct import Reconstruction
+from .pruning.search import LatencySearch
+
+log = logging.getLogger("nvit_lightning")
 
 
 def calibrator(model: PrunableViT, batches: Iterable[tuple[Tensor, Tensor]], criterion: Criterion,
@@ -59,6 +65,33 @@ def prune_one_shot(model: PrunableViT, reference: PrunableViT, pruner: GlobalPru
     return prune_to_targets(pruner, criterion, calibrator(model, batches[:calib_batches], criterion, device),
                             rescore, reached, recalibrate=calibrator(model, batches[:rescore_batches], criterion,
                                                                      device))
+
+
+def snapshot_path(directory: str | Path, target: float) -> Path:
+    """Where the compact model of a latency target goes: `<directory>/target_<t>`."""
+    return Path(directory) / f"target_{target:.2f}"
+
+
+def search_and_refit(search: LatencySearch, model: PrunableViT, reference: PrunableViT,
+                     latency_model: LatencyModel, batches: Sequence[tuple[Tensor, Tensor]], calib_batches: int,
+                     reconstruction: Reconstruction | None = None, device: str | torch.device = "cpu",
+                     snapshot_dir: str | Path | None = None, progress: bool = True) -> dict[float, PrunableViT]:
+    """`pruner=obs_search`: every target of `search` from the first `calib_batches` calibration
+    batches, each refit by `reconstruction` against `reference` (the unpruned model), compacted, and
+    saved under `snapshot_dir` (when given). Returns the compact models by target."""
+    compacts = {}
+    dense_latency = latency_model.model_latency(model.live_dims())
+    pruned = search(model, latency_model, batches[:calib_batches], device, progress)
+    for target, masked in pruned.items():
+        dims = masked.live_dims()
+        log.info(f"target {target}: {latency_model.model_latency(dims) / dense_latency:.3f} of the dense predicted "
+                 f"latency; heads {list(dims.heads)}, mlp {list(dims.mlp)}")
+        if reconstruction is not None:
+            reconstruction(masked, reference, batches, device, progress)
+        compacts[target] = masked.compact().eval()
+        if snapshot_dir is not None:
+            compacts[target].save_pretrained(snapshot_path(snapshot_dir, target))
+    return compacts
 
 
 def recover(student: PrunableViT, teacher: PrunableViT, datamodule: L.LightningDataModule,

@@ -1,12 +1,14 @@
-"""Pruning-aware fine-tuning (stage 1), compaction, then fine-tuning of the compact model (stage 2).
+"""Pruning (stage 1: one-shot latency search + refit, or NViT's saliency while fine-tuning),
+compaction, then fine-tuning of the compact model (stage 2).
 
     python train.py                                  # the CPU demo on DeiT-Tiny (conf/train.yaml)
     python train.py +experiment=nvit_base            # the paper recipe (conf/experiment/)
-    python train.py -m pruner.eta=0,5e-4 pruner.target=0.5,0.7   # a sweep, one run dir per job
+    python train.py -m pruner=gradual pruner.eta=0,5e-4 pruner.target=0.5,0.7   # a sweep, one run dir per job
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from nvit_lightning.app import (
     config_dir,
     describe_model,
     describe_sparse,
+    is_latency_search,
     is_rank_zero,
     is_sparsifier,
     log,
@@ -35,6 +38,7 @@ from nvit_lightning.build import build_cnn_teacher
 from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, SparsitySweep
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
+from nvit_lightning.oneshot import search_and_refit, snapshot_path
 from nvit_lightning.report import summary_table, write_report, write_sparsity_report
 from nvit_lightning.timing import prunable_spec
 
@@ -73,33 +77,51 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     if is_sparsifier(cfg.pruner):
         return sparsity_sweep(cfg)
+    search = build(cfg.pruner) if is_latency_search(cfg.pruner) else None  # bad options fail first
+    if search is not None and cfg.ckpt_path is not None:
+        raise ValueError("ckpt_path resumes the pruning-while-training stage; pruner=obs_search prunes in one "
+                         "shot (minutes) and has no stage-1 checkpoint: run again without ckpt_path")
     datamodule, model, latency_model = build_run(cfg)
     dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
     reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
-    pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"), reconstruction=reconstruction,
-                            **cfg.pruner)
-    pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
+    if search is None:
+        pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"),
+                                reconstruction=reconstruction, **cfg.pruner)
+        pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
     if is_rank_zero():
         save_config(cfg, out_dir)
         log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
         dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=False)
 
-    # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ----------
-    module = make_module(cfg, model, "prune")
-    callbacks = [pruning, ArchitectureReport(str(out_dir)), *build_all(cfg.callbacks)]
-    loggers = build_all(cfg.logger) or False
-    trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
-                          logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
-    if not pruning.done:
-        raise ValueError(f"pruning stopped at {pruning.pruner.latency_ratio():.3f} of the dense latency, "
-                         f"before the target {cfg.pruner.target}: raise schedule.prune_max_epochs or "
-                         f"pruner.groups_per_event, and resume with hydra.run.dir=<run> ckpt_path=last")
-    compact = module.student.compact()
+    if search is None:
+        # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ------
+        module = make_module(cfg, model, "prune")
+        callbacks = [pruning, ArchitectureReport(str(out_dir)), *build_all(cfg.callbacks)]
+        loggers = build_all(cfg.logger) or False
+        trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
+                        logger=loggers)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
+        if not pruning.done:
+            raise ValueError(f"pruning stopped at {pruning.pruner.latency_ratio():.3f} of the dense latency, "
+                             f"before the target {cfg.pruner.target}: raise schedule.prune_max_epochs or "
+                             f"pruner.groups_per_event, and resume with hydra.run.dir=<run> ckpt_path=last")
+        compact, teacher, step = module.student.compact(), module.teacher, trainer.global_step
+        snapshots, history = pruning.snapshots, pruning.history
+    else:
+        # ---- stage 1, one shot: latency search on calibration images, refit to the dense model -------
+        loggers = build_all(cfg.logger) or False
+        teacher = copy.deepcopy(model).eval()
+        needed = max(cfg.calib_batches, reconstruction.batches if reconstruction else 0)
+        compacts = search_and_refit(search, model, teacher, latency_model,
+                                    list(datamodule.calib_dataloader(needed)), cfg.calib_batches, reconstruction,
+                                    snapshot_dir=out_dir / "snapshots" if is_rank_zero() else None,
+                                    progress=is_rank_zero())
+        compact, step, history = compacts[search.target], 0, []
+        snapshots = {t: str(snapshot_path(out_dir / "snapshots", t)) for t in compacts}
 
     # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
     if cfg.schedule.finetune_epochs > 0:
-        finetune = make_module(cfg, compact, "finetune", teacher=module.teacher, step_offset=trainer.global_step)
+        finetune = make_module(cfg, compact, "finetune", teacher=teacher, step_offset=step)
         callbacks = build_all(cfg.callbacks)
         for callback in callbacks:  # stage-2 checkpoints must not overwrite stage 1's (resumable) ones
             if isinstance(callback, ModelCheckpoint):
@@ -113,10 +135,10 @@ def train(cfg: DictConfig) -> dict:
     compact.save_pretrained(out_dir / "model")
     pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
     timing = measure_side_by_side(dense_arch, compact, latency_model, cfg)
-    report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, cfg.pruner.criterion,
-                          cfg.pruner.eta, latency_model, timing=timing, snapshots=pruning.snapshots,
-                          events=len(pruning.history))
-    (out_dir / "pruning_history.json").write_text(json.dumps(pruning.history, indent=1))
+    method = (search.name, None) if search is not None else (cfg.pruner.criterion, cfg.pruner.eta)
+    report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, *method, latency_model,
+                          timing=timing, snapshots=snapshots, events=len(history))
+    (out_dir / "pruning_history.json").write_text(json.dumps(history, indent=1))
     print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
     return report
 

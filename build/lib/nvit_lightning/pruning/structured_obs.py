@@ -1,0 +1,156 @@
+"""Structured Optimal Brain Surgeon: the cost of removing heads and MLP neurons *after* the layer that
+reads them is refit (ZipLM, Kurtic et al. 2023).
+
+A head or an MLP neuron is a set of input columns of the layer that writes into the residual stream
+(`attn.proj` for a head's V outputs, `mlp.fc2` for a neuron). For that layer, with Gram matrix
+`H = Σ_tokens x xᵀ` of its inputs, removing the columns S and refitting the others by least squares
+raises the output error of row c by `w_cSᵀ [H⁻¹]_SS⁻¹ w_cS`, and the refit is the update
+`W ← W − W_S [H⁻¹]_SS⁻¹ [H⁻¹]_S:` (OBS). Removing units one at a time, cheapest first, each removal
+seeing the earlier updates, gives a *trace*: which unit goes k-th and the error left after k
+removals. Rows are weighted by the loss's sensitivity to each output channel (the mean squared
+gradient of the loss w.r.t. the layer's output, an empirical Fisher diagonal), so traces of
+different layers are in the same units (estimated loss) and can be traded against each other.
+The layer's bias is an input that is never removed, so a removal's mean shift is refit too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models import PrunableViT
+
+ROW_WEIGHTS = ("fisher", "uniform")
+
+
+@dataclass
+class RemovalTrace:
+    """Greedy OBS removal of a layer's units: `order[k]` is the k-th unit removed (an index among the
+    layer's units), `cost[k]` the estimated loss after the first k removals (`cost[0] = 0`)."""
+
+    order: Tensor  # (n,) long
+    cost: Tensor  # (n + 1,) float64, cumulative
+
+
+@dataclass
+class LayerStatistics:
+    """What the traces of one writing layer need, from calibration images: the Gram matrix of its
+    inputs with a constant column for the bias (in + 1, in + 1), and per output channel the summed
+    squared loss gradient (out,); both per image."""
+
+    gram: Tensor
+    row_sensitivity: Tensor
+
+
+def damped_inverse(gram: Tensor, damping: float) -> Tensor:
+    """`(H + λI)⁻¹` in float64, λ = damping · mean diagonal of the weight inputs (not the bias column);
+    input columns that never fire (pruned units) get λ alone, so the inverse exists."""
+    n = gram.shape[0] - 1
+    h = gram.double().clone()
+    h.diagonal()[:n] += damping * h.diagonal()[:n].mean().clamp_min(1e-12)
+    return torch.linalg.inv(h)
+
+
+@torch.no_grad()
+def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, units: Sequence[Tensor],
+                  keep: int = 1, damping: float = 0.01, row_weights: str = "fisher") -> RemovalTrace:
+    """Greedy OBS over `units` (each a tensor of input-column indices of `weight`, all the same size)
+    until `keep` units are left. `weight` is (out, in); columns outside every unit stay and are refit."""
+    if row_weights not in ROW_WEIGHTS:
+        raise ValueError(f"row_weights must be one of {ROW_WEIGHTS}, got {row_weights!r}")
+    out_features = weight.shape[0]
+    bias = bias if bias is not None else weight.new_zeros(out_features)
+    w = torch.cat([weight.double(), bias.double()[:, None]], 1)  # out, in + 1: the bias as an input that is always 1
+    h_inv = damped_inverse(stats.gram, damping)
+    rows = (stats.row_sensitivity.double() if row_weights == "fisher"
+            else torch.ones(out_features, dtype=torch.float64)).to(w.device)
+    columns = torch.stack([u.to(torch.long) for u in units])  # U, s
+    alive = torch.ones(len(units), dtype=torch.bool)
+    order, cost = [], [0.0]
+    for _ in range(len(units) - keep):
+        ws = w[:, columns].permute(1, 2, 0)  # U, s, out
+        if columns.shape[1] == 1:  # single columns (MLP neurons): [H⁻¹]_SS is a diagonal entry
+            unit_cost = (ws[:, 0].square() * rows).sum(1) / h_inv.diagonal()[columns[:, 0]]
+        else:
+            hs = h_inv[columns[:, :, None], columns[:, None, :]]  # U, s, s
+            hs[~alive] = torch.eye(columns.shape[1], dtype=hs.dtype)  # removed units: downdated to 0, skipped
+            solved = torch.linalg.solve(hs, ws)  # U, s, out: [H⁻¹]_SS⁻¹ w_S
+            unit_cost = ((ws * solved).sum(1) * rows).sum(1)  # U
+        unit_cost[~alive] = float("inf")
+        u = int(unit_cost.argmin())
+        s = columns[u]
+        if len(s) == 1:  # rank-1 updates in place
+            j = int(s[0])
+            pivot, h_row = float(h_inv[j, j]), h_inv[j].clone()
+            w.addr_(w[:, j].clone(), h_row, alpha=-1.0 / pivot)
+            h_inv.addr_(h_row, h_row, alpha=-1.0 / pivot)  # H⁻¹ is symmetric
+        else:
+            correction = torch.linalg.solve(h_inv[s][:, s], h_inv[s])  # s, in + 1: [H⁻¹]_SS⁻¹ [H⁻¹]_S:
+            w -= w[:, s] @ correction
+            h_inv -= h_inv[:, s] @ correction
+        w[:, s] = 0
+        alive[u] = False
+        order.append(u)
+        cost.append(cost[-1] + max(float(unit_cost[u]), 0.0))
+    return RemovalTrace(torch.tensor(order, dtype=torch.long), torch.tensor(cost, dtype=torch.float64))
+
+
+def writing_layers(model: PrunableViT) -> dict[str, nn.Linear]:
+    """The layers whose input columns are heads (`blocks.i.attn.proj`) and neurons (`blocks.i.mlp.fc2`)."""
+    layers = {}
+    for i, block in enumerate(model.blocks):
+        layers[f"blocks.{i}.attn.proj"] = block.attn.proj
+        layers[f"blocks.{i}.mlp.fc2"] = block.mlp.fc2
+    return layers
+
+
+def collect_statistics(model: PrunableViT, batches: Iterable[Sequence[Tensor]], device: str | torch.device = "cpu",
+                       gradients: bool = True, progress: bool = True) -> dict[str, LayerStatistics]:
+    """Gram matrices of the inputs of every head / neuron reading layer and, with `gradients`, the
+    per-channel squared loss gradients at their outputs (cross-entropy summed over the batch, so
+    each image contributes its own gradient), averaged per image."""
+    device = torch.device(device)
+    model.to(device).eval()
+    layers = writing_layers(model)
+    grams = {name: torch.zeros(m.in_features + 1, m.in_features + 1, dtype=torch.float64, device=device)
+             for name, m in layers.items()}
+    rows = {name: torch.zeros(m.out_features, dtype=torch.float64, device=device) for name, m in layers.items()}
+
+    def forward_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor], output: Tensor) -> None:
+            x = inputs[0].detach().flatten(0, -2).float()  # tokens, in
+            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+            grams[name] += (x.T @ x).double()  # float32 product per batch, float64 across batches
+        return hook
+
+    def backward_hook(name: str):
+        def hook(module: nn.Module, grad_input: tuple, grad_output: tuple[Tensor]) -> None:
+            rows[name] += grad_output[0].detach().double().square().flatten(0, -2).sum(0)
+        return hook
+
+    handles = [m.register_forward_hook(forward_hook(n)) for n, m in layers.items()]
+    if gradients:
+        handles += [m.register_full_backward_hook(backward_hook(n)) for n, m in layers.items()]
+    images = 0
+    try:
+        for batch in tqdm(list(batches), desc="layer statistics", leave=False, disable=not progress):
+            x, y = batch[0].to(device).float(), batch[1].to(device)
+            images += len(x)
+            if gradients:
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    if not images:
+        raise ValueError("structured OBS needs at least one calibration batch")
+    return {n: LayerStatistics(grams[n].cpu() / images, rows[n].cpu() / images) for n in layers}
