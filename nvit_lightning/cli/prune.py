@@ -35,7 +35,8 @@ from nvit_lightning.app import (
 )
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.oneshot import prune_one_shot, recover, search_and_refit, snapshot_path
-from nvit_lightning.pruning import build_pruning
+from nvit_lightning.pruning import Criterion, GlobalPruner, build_pruning
+from nvit_lightning.pruning.reconstruct import Reconstruction
 from nvit_lightning.report import summary_table, write_report, write_sparsity_report
 
 
@@ -83,18 +84,9 @@ def prune(cfg: DictConfig) -> dict:
     needed = max(cfg.calib_batches, cfg.rescore_batches, reconstruction.batches if reconstruction else 0)
     batches = list(datamodule.calib_dataloader(needed))  # decoded once, reused by every pass
     if search is None:
-        compacts = {}
-
-        def on_target(target: float, snapshot: PrunableViT) -> None:
-            compacts[target] = snapshot.compact()
-            compacts[target].save_pretrained(snapshot_path(out_dir / "snapshots", target))
-
-        events = prune_one_shot(model, dense_model, pruner, criterion, batches, cfg.calib_batches,
-                                cfg.rescore_batches, cfg.rescore, reconstruction, on_target,
-                                lambda e: log.info(e.summary()), device)
-        method, history = {"criterion": cfg.pruner.criterion, "eta": cfg.pruner.eta}, [
-            {"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
-            for e in events]
+        compacts, history = _prune_by_saliency(cfg, model, dense_model, pruner, criterion, batches, reconstruction,
+                                               device, out_dir / "snapshots")
+        method = {"criterion": cfg.pruner.criterion, "eta": cfg.pruner.eta}
     else:
         compacts = search_and_refit(search, model, dense_model, latency_model, batches, cfg.calib_batches,
                                     reconstruction, device, out_dir / "snapshots")
@@ -119,6 +111,24 @@ def prune(cfg: DictConfig) -> dict:
     (out_dir / "pruning_history.json").write_text(json.dumps(history, indent=1))
     print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
     return report
+
+
+def _prune_by_saliency(cfg: DictConfig, model: PrunableViT, dense_model: PrunableViT, pruner: GlobalPruner,
+                       criterion: Criterion, batches: list, reconstruction: Reconstruction | None,
+                       device: str, snapshot_dir: Path) -> tuple[dict[float, PrunableViT], list[dict]]:
+    """`pruner=oneshot | hessian | ...`: NViT's ranking in events; the compact (refit) model of every
+    target, saved under `snapshot_dir`, and the event history."""
+    compacts = {}
+
+    def on_target(target: float, snapshot: PrunableViT) -> None:
+        compacts[target] = snapshot.compact()
+        compacts[target].save_pretrained(snapshot_path(snapshot_dir, target))
+
+    events = prune_one_shot(model, dense_model, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches,
+                            cfg.rescore, reconstruction, on_target, lambda e: log.info(e.summary()), device)
+    history = [{"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
+               for e in events]
+    return compacts, history
 
 
 def sparsify(cfg: DictConfig) -> dict:
