@@ -4,7 +4,6 @@ batches, and a short recovery fine-tune of the compact model with KL to the dens
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from .pruning import Criterion, GlobalPruner, PruningEvent, prune_to_targets
 from .pruning.latency import LatencyModel
 from .pruning.reconstruct import Reconstruction
 from .pruning.search import LatencySearch
-
-log = logging.getLogger("nvit_lightning")
 
 
 def calibrator(model: PrunableViT, batches: Iterable[tuple[Tensor, Tensor]], criterion: Criterion,
@@ -80,12 +77,8 @@ def search_and_refit(search: LatencySearch, model: PrunableViT, reference: Pruna
     batches, each refit by `reconstruction` against `reference` (the unpruned model), compacted, and
     saved under `snapshot_dir` (when given). Returns the compact models by target."""
     compacts = {}
-    dense_latency = latency_model.model_latency(model.live_dims())
     pruned = search(model, latency_model, batches[:calib_batches], device, progress)
     for target, masked in pruned.items():
-        dims = masked.live_dims()
-        log.info(f"target {target}: {latency_model.model_latency(dims) / dense_latency:.3f} of the dense predicted "
-                 f"latency; heads {list(dims.heads)}, mlp {list(dims.mlp)}")
         if reconstruction is not None:
             reconstruction(masked, reference, batches, device, progress)
         compacts[target] = masked.compact().eval()

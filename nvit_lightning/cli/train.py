@@ -93,11 +93,11 @@ def train(cfg: DictConfig) -> dict:
         log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
         dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=False)
 
+    loggers = build_all(cfg.logger) or False
     if search is None:
         # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ------
         module = make_module(cfg, model, "prune")
         callbacks = [pruning, ArchitectureReport(str(out_dir)), *build_all(cfg.callbacks)]
-        loggers = build_all(cfg.logger) or False
         trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
                         logger=loggers)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
@@ -109,7 +109,6 @@ def train(cfg: DictConfig) -> dict:
         snapshots, history = pruning.snapshots, pruning.history
     else:
         # ---- stage 1, one shot: latency search on calibration images, refit to the dense model -------
-        loggers = build_all(cfg.logger) or False
         teacher = copy.deepcopy(model).eval()
         needed = max(cfg.calib_batches, reconstruction.batches if reconstruction else 0)
         compacts = search_and_refit(search, model, teacher, latency_model,
