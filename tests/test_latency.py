@@ -19,6 +19,7 @@ from nvit_lightning.pruning.latency import (
     build_latency_model,
 )
 from nvit_lightning.pruning.profiler import check_table, load_arch, main, profile_lut
+from nvit_lightning.timing import TimingSetup
 
 LATENCY_DIR = Path(__file__).resolve().parents[1] / "data" / "latency"
 GRID = {"emb": [16, 64, 128], "heads": [1, 2, 3], "qk": [8, 32, 64], "v": [8, 64], "mlp": [16, 256, 768]}
@@ -203,10 +204,12 @@ def test_profile_and_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 # ---- shipped tables ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,batch", [("deit_tiny_cpu_b1.json", 1), ("deit_tiny_cpu_b32.json", 32)])
-def test_shipped_tables(name: str, batch: int) -> None:
+@pytest.mark.parametrize("name,timing", [("deit_tiny_cpu_b1.json", TimingSetup("cpu", "float32", 1, 2)),
+                                         ("deit_tiny_cpu_b32.json", TimingSetup("cpu", "float32", 32, 2)),
+                                         ("deit_tiny_cuda_b256_fp16.json", TimingSetup("cuda", "float16", 256, 16))])
+def test_shipped_tables(name: str, timing: TimingSetup) -> None:
     table = LookupTableLatency.load(LATENCY_DIR / name, expect_tokens=197, expect_model="deit_tiny")
-    assert table.meta["batch_size"] == batch and table.meta["dtype"] == "float32"
+    assert table.timing == timing
     dense = ViTDims.uniform(192, 12, 3)
     smallest = ViTDims(16, [1] * 12, [8] * 12, [8] * 12, [16] * 12)  # one group of each kind left
     pruned = ViTDims(128, [2] * 12, [32] * 12, [32] * 12, [384] * 12)
