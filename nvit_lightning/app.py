@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -85,6 +86,8 @@ def setup_environment() -> None:
     if not is_checkout():
         os.environ.setdefault("NVIT_TABLES", str(PACKAGE_DIR / "latency_tables"))
     torch.set_float32_matmul_precision("high")
+    # our train loader skips the batches a mid-epoch checkpoint already trained on (ViTDataModule)
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:

@@ -162,7 +162,8 @@ def test_export_mode_compacts_a_train_checkpoint(tmp_path: Path) -> None:
         assert (exported.eval()(x) - masked.eval()(x)).abs().max() < 1e-4
 
 
-def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, overrides: list[str]) -> dict:
+def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, overrides: list[str],
+                extra_callbacks: tuple = ()) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
@@ -175,7 +176,8 @@ def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, override
     pruning = GlobalPruning(instantiate(cfg.latency), **cfg.pruner)
     module = train.make_module(cfg, model, "prune")
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[pruning, checkpoint], logger=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False,
+                        callbacks=[pruning, checkpoint, *extra_callbacks],
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=instantiate(cfg.data), ckpt_path=ckpt_path)
     return {"masks": {k: v.clone() for k, v in model.masks().items()}, "history": pruning.history,
@@ -195,6 +197,77 @@ def test_resume_mid_pruning_continues_exactly(criterion: str, tmp_path: Path) ->
         assert torch.equal(resumed["masks"][key], mask), key
     for key, value in full["weights"].items():
         torch.testing.assert_close(resumed["weights"][key], value)
+
+
+# 4 steps per epoch, an event every 3 steps; the stopping step sits mid-epoch and mid-interval
+MID_EPOCH = ["pruner=hessian", "pruner.interval=3", "pruner.groups_per_event=2", "pruner.target=0.2",
+             "pruner.group_sizes.emb=8", "data.train.num_samples=32", "data.batch_size=8",
+             "data.augment=true"]
+_INTERRUPTED_RUN = """
+import os, signal, sys
+from pathlib import Path
+import lightning as L
+from nvit_lightning.callbacks import InterruptCheckpoint
+from tests.test_app import MID_EPOCH, _fit_stage1
+
+class SignalAt(L.Callback):  # the signal arrives while the run is busy with a batch
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 7:
+            os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+
+out = Path(sys.argv[1])
+_fit_stage1(out, 4, None, MID_EPOCH, (SignalAt(), InterruptCheckpoint(out / "ckpt")))
+"""
+
+
+@pytest.mark.parametrize("signal_name,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_mid_epoch_checkpoints_and_resumes_exactly(signal_name: str, status: int, tmp_path: Path) -> None:
+    from nvit_lightning.callbacks import InterruptCheckpoint
+
+    full = _fit_stage1(tmp_path / "full", 4, None, MID_EPOCH)
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, str(tmp_path / "part"), signal_name],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == status, done.stderr[-3000:]
+    assert f"{signal_name} at step 7: checkpoint written to" in done.stderr
+    ckpt = tmp_path / "part" / "ckpt" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 7  # epoch 1, 3 of its 4 batches done
+    resumed = _fit_stage1(tmp_path / "part", 4, str(ckpt), MID_EPOCH, (InterruptCheckpoint(tmp_path / "part"),))
+    assert resumed["steps"] == full["steps"] == 16 and resumed["history"] == full["history"]
+    for key, mask in full["masks"].items():
+        assert torch.equal(resumed["masks"][key], mask), key
+    for key, value in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_every_pruning_event_writes_a_checkpoint(tmp_path: Path) -> None:
+    from nvit_lightning.callbacks import InterruptCheckpoint
+
+    events = InterruptCheckpoint(tmp_path / "events", filename="event.ckpt")
+    run = _fit_stage1(tmp_path, 1, None, MID_EPOCH, (events,))  # 4 steps, the event at step 3
+    assert [h["step"] for h in run["history"]] == [3]
+    saved = torch.load(tmp_path / "events" / "event.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    assert torch.equal(saved["state_dict"]["student.blocks.0.mlp.mask"], run["masks"]["blocks.0.mlp.mask"])
+
+
+def test_mid_epoch_resume_skips_the_batches_already_trained_on() -> None:
+    from nvit_lightning.data.datamodule import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(10, seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    sampler.skip = 4
+    assert list(sampler) == order[4:]
+    assert list(sampler) == order, "the skip applies to the resumed pass only"
+
+
+def test_ckpt_path_last_resumes_the_finetuning_stage_where_it_stopped(tmp_path: Path) -> None:
+    from nvit_lightning.cli import train
+
+    assert train.finetune_resume_path("last", tmp_path) is None  # stage 2 never checkpointed: afresh
+    (tmp_path / "last.ckpt").write_text("")
+    assert train.finetune_resume_path("last", tmp_path) == str(tmp_path / "last.ckpt")
+    assert train.finetune_resume_path(None, tmp_path) is None
 
 
 def test_resume_after_every_target_skips_the_pruning_stage(tmp_path: Path) -> None:

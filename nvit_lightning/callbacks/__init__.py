@@ -1,5 +1,7 @@
 from .architecture import ArchitectureReport, plot_architecture
+from .interrupt import InterruptCheckpoint, TrainingInterrupted
 from .pruning import GlobalPruning
 from .sparsity import SparsitySweep
 
-__all__ = ["ArchitectureReport", "GlobalPruning", "SparsitySweep", "plot_architecture"]
+__all__ = ["ArchitectureReport", "GlobalPruning", "InterruptCheckpoint", "SparsitySweep", "TrainingInterrupted",
+           "plot_architecture"]

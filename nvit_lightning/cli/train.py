@@ -35,7 +35,7 @@ from nvit_lightning.app import (
     val_accuracy,
 )
 from nvit_lightning.build import build_cnn_teacher
-from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, SparsitySweep
+from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, InterruptCheckpoint, SparsitySweep
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
 from nvit_lightning.oneshot import search_and_refit, snapshot_path
@@ -71,6 +71,16 @@ def resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
         log.warning(f"{checkpoint_dir} already holds checkpoints of an earlier run: this fresh run overwrites "
                     f"them (resume with ckpt_path=last instead)")
     return ckpt_path
+
+
+def finetune_resume_path(ckpt_path: str | None, finetune_dir: Path) -> str | None:
+    """`ckpt_path=last` goes on with stage 2 where it stopped, once stage 1 (resumed past its targets)
+    has compacted the same model again; otherwise stage 2 starts afresh."""
+    last = finetune_dir / "last.ckpt"
+    if ckpt_path == "last" and last.is_file():
+        log.info(f"resuming the fine-tuning stage from {last}")
+        return str(last)
+    return None
 
 
 def train(cfg: DictConfig) -> dict:
@@ -122,11 +132,12 @@ def train(cfg: DictConfig) -> dict:
     if cfg.schedule.finetune_epochs > 0:
         finetune = make_module(cfg, compact, "finetune", teacher=teacher, step_offset=step)
         callbacks = build_all(cfg.callbacks)
+        finetune_dir = out_dir / "checkpoints" / "finetune"
         for callback in callbacks:  # stage-2 checkpoints must not overwrite stage 1's (resumable) ones
-            if isinstance(callback, ModelCheckpoint):
-                callback.dirpath = str(out_dir / "checkpoints" / "finetune")
+            if isinstance(callback, ModelCheckpoint | InterruptCheckpoint):
+                callback.dirpath = str(finetune_dir)
         trainer = build(cfg.trainer, max_epochs=cfg.schedule.finetune_epochs, logger=loggers, callbacks=callbacks)
-        trainer.fit(finetune, datamodule=datamodule)
+        trainer.fit(finetune, datamodule=datamodule, ckpt_path=finetune_resume_path(cfg.ckpt_path, finetune_dir))
         compact = finetune.student
 
     if not is_rank_zero():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -24,6 +26,8 @@ from .datasets import (
     require_path,
 )
 from .transforms import eval_transform, train_transform
+
+log = logging.getLogger("nvit_lightning")
 
 DATASET_KINDS: dict[str, type[Dataset]] = {
     "imagenet_sample": ImageNetSample,
@@ -110,13 +114,15 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, size: int, seed: int = 0) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.skip = 0  # samples of the next pass already trained on (a mid-epoch resume)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        start, self.skip = self.skip, 0
+        return iter(torch.randperm(self.size, generator=generator).tolist()[start:])
 
     def __len__(self) -> int:
         return self.size
@@ -231,7 +237,25 @@ class ViTDataModule(L.LightningDataModule):
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._require("train_set"), self.batch_size, shuffle=True)
+        loader = self._loader(self._require("train_set"), self.batch_size, shuffle=True)
+        loader.sampler.skip = self._resumed_batches(len(loader)) * self.batch_size
+        return loader
+
+    def _resumed_batches(self, batches_per_epoch: int) -> int:
+        """Batches of the current epoch a resumed fit already trained on (0 unless it resumes from a
+        mid-epoch checkpoint): its loader then starts after them, so the run goes on exactly as an
+        uninterrupted one. Lightning has restored its loops' progress by the time it asks for the loader."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if not 0 < done < batches_per_epoch:
+            return 0
+        if isinstance(trainer.strategy, ParallelStrategy):  # Lightning's distributed sampler wraps ours
+            log.warning(f"resuming mid-epoch under {type(trainer.strategy).__name__}: the {done} batches of this "
+                        f"epoch already trained on are seen again (single-device runs resume exactly)")
+            return 0
+        return done
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_spec is None:
