@@ -239,6 +239,23 @@ def test_signal_mid_epoch_checkpoints_and_resumes_exactly(signal_name: str, stat
         torch.testing.assert_close(resumed["weights"][key], value, rtol=0, atol=0, msg=key)
 
 
+def test_signal_during_the_epoch_end_stops_with_an_epoch_end_checkpoint(tmp_path: Path) -> None:
+    import lightning as L
+
+    from nvit_lightning.callbacks import InterruptCheckpoint, TrainingInterrupted
+
+    interrupt = InterruptCheckpoint(tmp_path / "stop")
+
+    class SignalAtEpochEnd(L.Callback):  # e.g. Ctrl-C during the epoch-end validation
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            interrupt.signal_name = "SIGINT"
+
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 4") as stopped:
+        _fit_stage1(tmp_path, 3, None, MID_EPOCH, (SignalAtEpochEnd(), interrupt))
+    assert stopped.value.code == 130
+    assert torch.load(tmp_path / "stop" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
 def test_every_pruning_event_writes_a_checkpoint(tmp_path: Path) -> None:
     from nvit_lightning.callbacks import InterruptCheckpoint
 

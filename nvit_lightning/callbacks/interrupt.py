@@ -83,16 +83,23 @@ class InterruptCheckpoint(Checkpoint):
     # ---- the loop ---------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        # Lightning's own SIGTERM handler only raises a flag, at the next batch: we stop first, saved
-        signal_name = self.signal_name or ("SIGTERM" if trainer.received_sigterm else None)
-        stop = trainer.strategy.reduce_boolean_decision(signal_name is not None, all=False)
-        if stop or (self.on_events and self._pruned_now(trainer)):
+        if self.on_events and self._pruned_now(trainer):
             trainer.save_checkpoint(self.path)
-        if stop:
-            error = TrainingInterrupted(signal_name or "SIGTERM", self.path, trainer.global_step)
-            if trainer.is_global_zero:
-                log.warning(str(error))
-            raise error
+        self._stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled(trainer)  # a signal during the epoch-end validation
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        # Lightning's own SIGTERM handler only raises a flag, acted on later: we stop first, saved
+        signal_name = self.signal_name or ("SIGTERM" if trainer.received_sigterm else None)
+        if not trainer.strategy.reduce_boolean_decision(signal_name is not None, all=False):
+            return
+        trainer.save_checkpoint(self.path)
+        error = TrainingInterrupted(signal_name or "SIGTERM", self.path, trainer.global_step)
+        if trainer.is_global_zero:
+            log.warning(str(error))
+        raise error
 
     @staticmethod
     def _pruned_now(trainer: L.Trainer) -> bool:
