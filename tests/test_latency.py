@@ -201,6 +201,11 @@ def test_profile_and_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert result["measured_ms"] > 0 and result["predicted_ms"] > 0
     with pytest.raises(ValueError, match="tokens"):
         check_table(table, dims, {"img_size": 224, "patch_size": 16}, repeats=1, rounds=1)
+    # an architecture outside the table's grid (2 heads; the grid has 1): one line from the CLI
+    ViTDims(16, [2], [8], [8], [16]).save(tmp_path / "outside.json")
+    with pytest.raises(SystemExit, match=r"^check: latency table: heads=2 is outside the profiled grid"):
+        main(["check", "--table", str(out), "--dims", str(tmp_path / "outside.json"), "--repeats", "1",
+              "--rounds", "1"])
 
 
 # ---- shipped tables ---------------------------------------------------------------------------------

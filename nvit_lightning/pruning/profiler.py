@@ -341,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         table = LookupTableLatency.load(args.table)
         dims, config = load_arch(args.dims)
-        result = check_table(table, dims, config, args.device, args.warmup, args.repeats, args.rounds)
+        try:
+            result = check_table(table, dims, config, args.device, args.warmup, args.repeats, args.rounds)
+        except ValueError as err:  # e.g. an architecture outside the table's grid: one line, not a traceback
+            raise SystemExit(f"check: {err}") from None
         print(table.describe())
         print(f"predicted {result['predicted_ms']:.3f} ms  measured {result['measured_ms']:.3f} ms  "
               f"relative error {100 * result['rel_error']:+.1f} %")
