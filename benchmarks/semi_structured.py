@@ -13,6 +13,7 @@ capability 8.0+; elsewhere it prints why and exits 0.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from nvit_lightning.models import PrunableViT, ViTDims
 from nvit_lightning.models.registry import DEIT_VARIANTS
+from nvit_lightning.sparsity import MagnitudeSparsifier
 from nvit_lightning.sparsity.layers import sparsifiable_layers
 from nvit_lightning.sparsity.semi_structured import check_semi_structured_device, to_semi_structured
 from nvit_lightning.timing import measure_ms
@@ -35,11 +37,8 @@ def two_four_model(name: str, dtype: torch.dtype) -> PrunableViT:
     """A mask-free DeiT of timm variant `name` (random weights) with 2:4 magnitude-masked block linears."""
     emb, depth, heads, distilled = DEIT_VARIANTS[name]
     model = PrunableViT(ViTDims.uniform(emb, depth, heads), distilled=distilled, masked=False)
-    with torch.no_grad():
-        for layer in sparsifiable_layers(model).values():
-            groups = layer.weight.view(-1, 4)
-            groups.scatter_(1, groups.abs().topk(2, dim=1, largest=False).indices, 0.0)
-    return model.eval().cuda().to(dtype)
+    (sparse,) = MagnitudeSparsifier(sparsities=None, pattern="2:4")(model).values()
+    return sparse.eval().cuda().to(dtype)
 
 
 def interleaved_ms(fns: dict[str, object], rounds: int, repeats: int) -> dict[str, float]:
@@ -70,8 +69,7 @@ def layer_speedups(dense: PrunableViT, sparse: PrunableViT, batch: int, rounds: 
 def benchmark(name: str, batches: list[int], dtype: torch.dtype, rounds: int, repeats: int) -> dict:
     torch.manual_seed(0)
     dense = two_four_model(name, dtype)
-    sparse = two_four_model(name, dtype)
-    sparse.load_state_dict(dense.state_dict())
+    sparse = copy.deepcopy(dense)
     left_dense = to_semi_structured(sparse)
     result = {"model": name, "left_dense": left_dense, "batches": []}
     for batch in batches:

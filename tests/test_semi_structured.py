@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.sparse import SparseSemiStructuredTensor
@@ -57,8 +59,7 @@ def test_converted_deit_computes_the_masked_dense_function() -> None:
     model = PrunableViT(ViTDims.uniform(192, 2, 3), masked=False).eval()
     (masked,) = MagnitudeSparsifier(sparsities=None, pattern="2:4")(model).values()
     dense = masked.cuda().half()
-    sparse = PrunableViT(ViTDims.uniform(192, 2, 3), masked=False).eval().cuda().half()
-    sparse.load_state_dict(dense.state_dict())
+    sparse = copy.deepcopy(dense)
     left_dense = to_semi_structured(sparse)
     assert left_dense == {}
     assert all(isinstance(layer.weight, SparseSemiStructuredTensor) for layer in sparsifiable_layers(sparse).values())
