@@ -39,7 +39,7 @@ def check_semi_structured_device(device: torch.device | str) -> None:
                            f"{torch.cuda.get_device_name(device)} has {major}.{minor}")
 
 
-def to_semi_structured(model: nn.Module, patch_embed: bool = False, head: bool = False) -> dict[str, str]:
+def to_semi_structured(model: nn.Module, head: bool = False) -> dict[str, str]:
     """Compress, in place, every 2:4 linear of `model`'s blocks (plus the classifier with `head`).
 
     The model must already be on a sm80+ GPU in float16 or bfloat16. Returns {layer name: why it was
@@ -48,8 +48,7 @@ def to_semi_structured(model: nn.Module, patch_embed: bool = False, head: bool =
     """
     from torch.sparse import to_sparse_semi_structured
 
-    layers = {name: layer for name, layer in sparsifiable_layers(model, patch_embed, head).items()
-              if isinstance(layer, nn.Linear)}  # the patch embedding is a convolution: left dense
+    layers = sparsifiable_layers(model, head=head)  # linears only: the patch embedding is a convolution
     first = next(iter(layers.values())).weight
     check_semi_structured_device(first.device)
     if first.dtype not in SPARSE_DTYPES:
