@@ -126,6 +126,27 @@ def test_masked_layernorm_uses_live_channels_only() -> None:
         assert torch.equal(model(x), before)
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_inference_qkv_product_matches_separate_layers(masked: bool) -> None:
+    """At inference q, k, v run as one product (qk != v here); it must compute what the three layers
+    compute (the path training, saliency hooks and 2:4 weights use), and skip no hook."""
+    model = tiny_vit()  # block 0: qk 16, v 8 per head
+    model = (model if masked else model.compact()).eval()
+    x = _images(2, 32)
+    with torch.no_grad():
+        assert model.blocks[0].attn._one_gemm()
+        fused = model(x)
+    assert not model.blocks[0].attn._one_gemm()  # autograd on: the three layers
+    separate = model(x)
+    torch.testing.assert_close(fused, separate.detach(), rtol=1e-5, atol=1e-5)
+    seen = []
+    model.blocks[1].attn.k.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused, rtol=1e-5, atol=1e-5)
+    attn = model.blocks[1].attn
+    assert seen == [torch.Size([2, 17, attn.num_heads * attn.qk_dim])]  # 16 patches + class token
+
+
 def test_attention_scale_survives_pruning() -> None:
     model = tiny_vit()
     with torch.no_grad():
