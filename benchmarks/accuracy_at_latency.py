@@ -34,7 +34,7 @@ from nvit_lightning.evaluation import evaluate
 from nvit_lightning.models import PrunableViT, from_timm
 from nvit_lightning.oneshot import prune_one_shot, recover
 from nvit_lightning.pruning import Structure, build_pruning
-from nvit_lightning.timing import prunable_spec, time_in_fresh_process, timm_spec
+from nvit_lightning.timing import paired_ratio, prunable_spec, time_in_fresh_process, timm_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -215,11 +215,11 @@ def main() -> None:
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     teacher = dense.compact().eval()
     d = cfg.distill
-    rows = [{"method": "dense DeiT-Tiny", "target": 1.0, "measured_ratio": ms["dense"] / ms["timm_dense"],
+    rows = [{"method": "dense DeiT-Tiny", "target": 1.0, "measured_ratio": paired_ratio(timing, "dense", "timm_dense"),
              "top1": evaluate(dense, val, desc="evaluate dense")["top1"]}]
     print(rows[0], flush=True)
     for (method, target), knobs in shortlist.items():
-        ratio = {k: ms[f"{method}|{k}"] / ms["timm_dense"] for k in knobs}
+        ratio = {k: paired_ratio(timing, f"{method}|{k}", "timm_dense") for k in knobs}
         knob = min(knobs, key=lambda k: abs(ratio[k] - target))
         model = candidates[method][knob][1]()
         size = model.size_of()

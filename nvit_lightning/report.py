@@ -8,6 +8,7 @@ from typing import Any
 
 from .models import PrunableViT
 from .pruning.latency import LatencyModel
+from .timing import paired_ratio
 
 
 def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: float | None,
@@ -29,7 +30,9 @@ def write_report(path: str | Path, dense: dict, pruned: dict, target_latency: fl
         ms = timing["ms"]
         dense["latency_measured_ms"], pruned["latency_measured_ms"] = ms["dense"], ms["pruned"]
         dense["latency_measured_timm_ms"] = ms.get("timm_dense")
-        pruned["speedup_vs_timm"] = ms["timm_dense"] / ms["pruned"] if "timm_dense" in ms else None
+        # speed-ups from round-by-round ratios (`paired_ratio`), not from the two medians
+        pruned["speedup"] = 1 / paired_ratio(timing, "pruned", "dense")
+        pruned["speedup_vs_timm"] = 1 / paired_ratio(timing, "pruned", "timm_dense") if "timm_dense" in ms else None
     report = {"dense": dense, "pruned": pruned, "target_latency": target_latency, "criterion": criterion,
               "eta": eta, "latency_model": latency_model.describe(), "timing": timing, **extra}
     Path(path).write_text(json.dumps(report, indent=2))
@@ -46,6 +49,9 @@ def summary_table(report: dict) -> str:
     def ratio(a: float | None, b: float | None) -> str:
         return "-" if not a or not b else f"{a / b:.2f}x"
 
+    def speedup(key: str, a: float | None, b: float | None) -> str:  # measured: paired, where recorded
+        return ratio(a, b) if pruned.get(key) is None else f"{pruned[key]:.2f}x"
+
     rows = [
         ("params (M)", fmt(dense["params"] / 1e6, ".2f"), fmt(pruned["params"] / 1e6, ".2f"),
          ratio(dense["params"], pruned["params"])),
@@ -55,9 +61,9 @@ def summary_table(report: dict) -> str:
          ratio(dense["latency_pred_ms"], pruned["latency_pred_ms"])),
         ("latency measured (ms)", fmt(dense["latency_measured_ms"], ".4g"),
          fmt(pruned["latency_measured_ms"], ".4g"),
-         ratio(dense["latency_measured_ms"], pruned["latency_measured_ms"])),
+         speedup("speedup", dense["latency_measured_ms"], pruned["latency_measured_ms"])),
         *([("latency measured, timm (ms)", fmt(dense["latency_measured_timm_ms"], ".4g"), "",
-            ratio(dense["latency_measured_timm_ms"], pruned["latency_measured_ms"]))]
+            speedup("speedup_vs_timm", dense["latency_measured_timm_ms"], pruned["latency_measured_ms"]))]
           if dense.get("latency_measured_timm_ms") else []),
         ("top-1 (%)", fmt(dense["top1"], ".2f"), fmt(pruned["top1"], ".2f"), ""),
         ("top-5 (%)", fmt(dense["top5"], ".2f"), fmt(pruned["top5"], ".2f"), ""),
@@ -72,7 +78,8 @@ def summary_table(report: dict) -> str:
     timing = report.get("timing")
     if timing:
         lines.append(f"(measured in a fresh process, {timing['setup']['device']} {timing['setup']['dtype']} "
-                     f"batch {timing['setup']['batch_size']}; timm = timm's own dense module"
+                     f"batch {timing['setup']['batch_size']}; speed-ups: median of per-round ratios; "
+                     f"timm = timm's own dense module"
                      f"{'; NOISY: the machine was busy' if timing.get('noisy') else ''})")
     return title + "\n" + "\n".join(lines)
 

@@ -7,7 +7,7 @@ builds the models from their architecture alone (weights do not change the time 
 and times them interleaved, round by round, so a slow spell of a shared machine hits all of them.
 The dense model is timed alongside, both as timm's own module and as our PrunableViT.
 
-    python -m nvit_lightning.timing < job.json     # the worker; prints {"ms": {...}, "spread": {...}}
+    python -m nvit_lightning.timing < job.json     # the worker; prints {"ms", "spread", "rounds"}
 """
 
 from __future__ import annotations
@@ -140,7 +140,18 @@ def time_models(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, roun
             model, x = models[name], images[name]
             per_round[name].append(measure_ms(lambda m=model, x=x: m(x), device, warmup, repeats))
     return {"ms": {n: statistics.median(t) for n, t in per_round.items()},
-            "spread": {n: max(t) / min(t) for n, t in per_round.items()}}
+            "spread": {n: max(t) / min(t) for n, t in per_round.items()},
+            "rounds": per_round}
+
+
+def paired_ratio(result: Mapping[str, Any], model: str, reference: str) -> float:
+    """`model`'s latency relative to `reference`'s in a `time_models` result: the median over rounds
+    of the ratio of their medians in the same round. A slow spell of a shared machine then scales
+    both sides of each ratio, where a ratio of overall medians can pair a slow round with a fast one."""
+    rounds = result.get("rounds")
+    if not rounds:  # a result without rounds: the ratio of overall medians
+        return result["ms"][model] / result["ms"][reference]
+    return statistics.median(m / r for m, r in zip(rounds[model], rounds[reference]))
 
 
 def time_in_fresh_process(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, rounds: int = 5,

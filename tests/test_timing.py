@@ -3,11 +3,23 @@ setup; no wall-clock values are asserted (timed tests are not benchmarks)."""
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
+
+import pytest
 import torch
 
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning import FlopsLatency, LookupTableLatency
-from nvit_lightning.timing import TimingSetup, _build, prunable_spec, time_in_fresh_process, timm_spec
+from nvit_lightning.report import summary_table, write_report
+from nvit_lightning.timing import (
+    TimingSetup,
+    _build,
+    paired_ratio,
+    prunable_spec,
+    time_in_fresh_process,
+    timm_spec,
+)
 
 from .conftest import tiny_vit
 
@@ -32,6 +44,28 @@ def test_fresh_process_times_every_model_including_timm() -> None:
     assert set(result["ms"]) == set(specs) == set(result["spread"])
     assert all(ms > 0 for ms in result["ms"].values())
     assert all(spread >= 1.0 for spread in result["spread"].values())
+    assert all(len(result["rounds"][name]) == 2 for name in specs)
+
+
+def test_speedups_pair_each_round(tmp_path: Path) -> None:
+    """A slow spell hits every model of a round: the speed-up is the median of per-round ratios,
+    not the ratio of overall medians (which pairs the pruned model's fast round with a slow one)."""
+    rounds = {"timm_dense": [100.0, 300.0, 110.0], "dense": [105.0, 310.0, 112.0], "pruned": [45.0, 160.0, 60.0]}
+    timing = {"ms": {k: sorted(v)[1] for k, v in rounds.items()}, "spread": {}, "rounds": rounds,
+              "setup": {"device": "cpu", "dtype": "float32", "batch_size": 32}}
+    assert paired_ratio(timing, "pruned", "timm_dense") == pytest.approx(160 / 300)  # median of .45, .533, .545
+    assert timing["ms"]["pruned"] / timing["ms"]["timm_dense"] == pytest.approx(60 / 110)
+    assert paired_ratio({"ms": timing["ms"]}, "pruned", "timm_dense") == pytest.approx(60 / 110)  # no rounds
+
+    def entry() -> dict:
+        return {"params": 1, "flops": 1, "latency_pred_ms": 1.0, "latency_measured_ms": None,
+                "top1": None, "top5": None}
+
+    table = FlopsLatency(tokens=17, batch_size=32)
+    report = write_report(tmp_path / "report.json", entry(), entry(), 0.5, "obs_search", None, table, timing=timing)
+    assert report["pruned"]["speedup_vs_timm"] == pytest.approx(300 / 160)
+    assert report["pruned"]["speedup"] == pytest.approx(1 / statistics.median([45 / 105, 160 / 310, 60 / 112]))
+    assert f"{300 / 160:.2f}x" in summary_table(report)
 
 
 def test_latency_models_state_their_timing_setup() -> None:
