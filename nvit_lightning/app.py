@@ -30,13 +30,13 @@ from .pruning.latency import LatencyModel
 from .pruning.search import LatencySearch
 from .report import model_entry
 from .sparsity import Sparsifier, layer_sparsity
-from .timing import prunable_spec, time_in_fresh_process, timm_spec
+from .timing import prunable_spec, ratio_uncertainty, time_in_fresh_process, timm_spec
 
 log = logging.getLogger("nvit_lightning")
 
 # errors a user can fix from the command line: shown as one line, no traceback
 USER_ERRORS = (FileNotFoundError, ValueError, MissingMandatoryValue)
-MAX_SPREAD = 1.5  # slowest / fastest round of a latency measurement above which it is flagged
+MAX_RATIO_IQR = 0.2  # spread of a measurement's per-round speed-ups above which it is flagged
 
 
 def is_rank_zero() -> bool:
@@ -263,8 +263,8 @@ def measure_side_by_side(dense: PrunableViT | dict, pruned: PrunableViT, latency
     """Measured ms of the pruned model, our dense model and timm's own dense model, timed together in
     a fresh process on the latency model's device, dtype, batch size and threads (`timing.py`).
     `dense` is the dense model or its `prunable_spec` (taken before pruning changed the model).
-    A measurement whose rounds disagree by more than `MAX_SPREAD` is taken again once, and flagged
-    in the result if it still does."""
+    A measurement whose per-round speed-ups disagree by more than `MAX_RATIO_IQR` (interquartile range
+    over median) is taken again once, and flagged in the result if it still does."""
     if not cfg.measure_latency:
         return None
     setup = latency_model.timing
@@ -276,15 +276,20 @@ def measure_side_by_side(dense: PrunableViT | dict, pruned: PrunableViT, latency
     timm_name = cfg.model.get("timm_name")
     if timm_name:
         specs["timm_dense"] = timm_spec(timm_name, num_classes=pruned.num_classes)
+
+    def uncertainty(result: dict[str, Any]) -> float:
+        return max(ratio_uncertainty(result, "pruned", reference) for reference in specs if reference != "pruned")
+
     log.info(f"timing dense and pruned models in a fresh process ({setup})")
     result = time_in_fresh_process(specs, setup)
-    if max(result["spread"].values()) > MAX_SPREAD:
-        log.warning(f"latency rounds disagree (slowest/fastest {result['spread']}): the machine is busy; "
-                    f"measuring again")
-        result = min(result, time_in_fresh_process(specs, setup), key=lambda r: max(r["spread"].values()))
-    result["noisy"] = max(result["spread"].values()) > MAX_SPREAD
+    if uncertainty(result) > MAX_RATIO_IQR:
+        log.warning(f"per-round speed-ups disagree (interquartile range {uncertainty(result):.0%} of the median): "
+                    f"the machine is busy; measuring again")
+        result = min(result, time_in_fresh_process(specs, setup), key=uncertainty)
+    result["ratio_iqr"] = uncertainty(result)
+    result["noisy"] = result["ratio_iqr"] > MAX_RATIO_IQR
     if result["noisy"]:
-        log.warning(f"latency measurement is noisy (slowest/fastest round {result['spread']}); "
+        log.warning(f"latency measurement is noisy (per-round speed-ups vary by {result['ratio_iqr']:.0%}); "
                     f"re-time on an idle machine")
     result["setup"] = asdict(setup)
     return result

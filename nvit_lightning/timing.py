@@ -122,40 +122,59 @@ def _build(spec: Mapping[str, Any]) -> torch.nn.Module:
     return PrunableViT(**spec["prunable"])
 
 
-def time_models(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, rounds: int = 5,
-                repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict[str, dict[str, float]]:
+def time_models(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, rounds: int = 25,
+                repeats: int = 1, warmup: int = 2, seed: int = 0) -> dict[str, Any]:
     """Median ms per model over `rounds`, each round timing every model (in a fresh random order)
-    for `repeats` calls after `warmup`; `spread` = slowest / fastest round median."""
+    for `repeats` calls, after `warmup` calls of each model at the start. Many short rounds, because
+    the speed of a shared machine changes within seconds: a model's time in a round is compared with
+    the others' times in the same round (`paired_ratio`). `spread` = slowest / fastest round;
+    `rounds` = every round's time per model."""
     if setup.num_threads:
         torch.set_num_threads(setup.num_threads)
     device, dtype = torch.device(setup.device), getattr(torch, setup.dtype)
     models = {name: _build(spec).eval().to(device, dtype) for name, spec in specs.items()}
     size = {name: m.patch_embed.img_size for name, m in models.items()}
     images = {name: torch.randn(setup.batch_size, 3, *size[name], device=device, dtype=dtype) for name in models}
+    calls = {name: (lambda m=model, x=images[name]: m(x)) for name, model in models.items()}
+    for call in calls.values():
+        measure_ms(call, device, warmup=warmup, repeats=1)
     order, rng = list(models), random.Random(seed)
     per_round: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            model, x = models[name], images[name]
-            per_round[name].append(measure_ms(lambda m=model, x=x: m(x), device, warmup, repeats))
+            per_round[name].append(measure_ms(calls[name], device, warmup=0, repeats=repeats))
     return {"ms": {n: statistics.median(t) for n, t in per_round.items()},
             "spread": {n: max(t) / min(t) for n, t in per_round.items()},
             "rounds": per_round}
 
 
+def _round_ratios(result: Mapping[str, Any], model: str, reference: str) -> list[float]:
+    rounds = result["rounds"]
+    return [m / r for m, r in zip(rounds[model], rounds[reference])]
+
+
 def paired_ratio(result: Mapping[str, Any], model: str, reference: str) -> float:
     """`model`'s latency relative to `reference`'s in a `time_models` result: the median over rounds
-    of the ratio of their medians in the same round. A slow spell of a shared machine then scales
-    both sides of each ratio, where a ratio of overall medians can pair a slow round with a fast one."""
-    rounds = result.get("rounds")
-    if not rounds:  # a result without rounds: the ratio of overall medians
+    of their ratio in the same round. A slow spell of a shared machine then scales both sides of each
+    ratio, where a ratio of overall medians can pair a slow round with a fast one."""
+    if not result.get("rounds"):  # a result without rounds: the ratio of overall medians
         return result["ms"][model] / result["ms"][reference]
-    return statistics.median(m / r for m, r in zip(rounds[model], rounds[reference]))
+    return statistics.median(_round_ratios(result, model, reference))
 
 
-def time_in_fresh_process(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, rounds: int = 5,
-                          repeats: int = 5, warmup: int = 2, timeout: float = 1800) -> dict[str, dict[str, float]]:
+def ratio_uncertainty(result: Mapping[str, Any], model: str, reference: str) -> float:
+    """How much the per-round ratios of `paired_ratio` disagree: their interquartile range relative
+    to their median (0 where every round agrees)."""
+    ratios = _round_ratios(result, model, reference)
+    if len(ratios) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(ratios)
+
+
+def time_in_fresh_process(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, rounds: int = 25,
+                          repeats: int = 1, warmup: int = 2, timeout: float = 1800) -> dict[str, dict[str, float]]:
     """`time_models` in a new Python process (see the module docstring for why)."""
     job = {"specs": dict(specs), "setup": asdict(setup), "rounds": rounds, "repeats": repeats, "warmup": warmup}
     done = subprocess.run([sys.executable, "-m", "nvit_lightning.timing"], input=json.dumps(job),

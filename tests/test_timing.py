@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from nvit_lightning import app
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning import FlopsLatency, LookupTableLatency
 from nvit_lightning.report import summary_table, write_report
@@ -17,6 +19,7 @@ from nvit_lightning.timing import (
     _build,
     paired_ratio,
     prunable_spec,
+    ratio_uncertainty,
     time_in_fresh_process,
     timm_spec,
 )
@@ -56,6 +59,9 @@ def test_speedups_pair_each_round(tmp_path: Path) -> None:
     assert paired_ratio(timing, "pruned", "timm_dense") == pytest.approx(160 / 300)  # median of .45, .533, .545
     assert timing["ms"]["pruned"] / timing["ms"]["timm_dense"] == pytest.approx(60 / 110)
     assert paired_ratio({"ms": timing["ms"]}, "pruned", "timm_dense") == pytest.approx(60 / 110)  # no rounds
+    q1, q3 = (0.45 + 160 / 300) / 2, (160 / 300 + 60 / 110) / 2
+    assert ratio_uncertainty(timing, "pruned", "timm_dense") == pytest.approx((q3 - q1) / (160 / 300))
+    assert ratio_uncertainty({"rounds": {"a": [1.0, 2.0], "b": [2.0, 4.0]}}, "a", "b") == 0.0
 
     def entry() -> dict:
         return {"params": 1, "flops": 1, "latency_pred_ms": 1.0, "latency_measured_ms": None,
@@ -76,3 +82,23 @@ def test_latency_models_state_their_timing_setup() -> None:
                                meta={"device_type": "cuda", "dtype": "float16", "batch_size": 256,
                                      "num_threads": 8, "tokens": 198})
     assert table.timing == TimingSetup("cuda", "float16", 256, 8) and table.tokens == 198
+
+
+def test_a_noisy_measurement_is_taken_again_and_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    def result(pruned: list[float]) -> dict:
+        rounds = {"dense": [100.0] * 4, "timm_dense": [100.0] * 4, "pruned": pruned}
+        return {"ms": {k: statistics.median(v) for k, v in rounds.items()}, "spread": {}, "rounds": rounds}
+
+    calm, busy = result([60.0, 61.0, 60.0, 59.0]), result([40.0, 90.0, 60.0, 75.0])
+    answers = []
+    monkeypatch.setattr(app, "time_in_fresh_process", lambda specs, setup: answers.pop(0))
+    cfg = OmegaConf.create({"measure_latency": True, "model": {"timm_name": "deit_tiny_patch16_224"}})
+    table = FlopsLatency(tokens=17, batch_size=2)
+    answers[:] = [busy, calm]
+    timing = app.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)
+    assert timing["rounds"] is calm["rounds"] and not timing["noisy"] and not answers
+    assert paired_ratio(timing, "pruned", "timm_dense") == pytest.approx(0.6)
+    answers[:] = [busy, busy]
+    assert app.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)["noisy"]
+    answers[:] = [calm]
+    assert not app.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)["noisy"] and not answers
