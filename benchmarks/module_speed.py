@@ -1,0 +1,101 @@
+"""Our PrunableViT modules against timm's own DeiT-Tiny, forward pass at inference, side by side.
+
+    python benchmarks/module_speed.py --out benchmarks/results/module_speed
+
+Models (random weights; speed does not depend on them): timm's `deit_tiny_patch16_224`, our dense
+PrunableViT, and a pruned DeiT-Tiny architecture (`--arch`: a dims.json or model directory; default:
+the one `python prune.py` chose at 0.70). Each of ours runs twice: as shipped (q, k and v as one
+matrix product at inference) and with the three separate products (forced by a no-op forward hook
+on each of q, k, v, which makes `Attention` take its hooked path).
+
+On a shared machine the speed drifts by 30 % and more within minutes, so every cycle runs each model
+once, in alternating order, and the result is the median over cycles of each model's time divided by
+timm's time in the same cycle (a paired ratio), with its quartiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from nvit_lightning.models import PrunableViT, ViTDims
+from nvit_lightning.pruning.profiler import load_arch
+from nvit_lightning.timing import steady_malloc
+
+# what `python prune.py` (defaults) kept at 0.70 of the predicted latency (2026-11-25)
+PRUNE_PY_070 = ViTDims(192, [3, 3, 2, 2, 1, 2, 2, 2, 2, 3, 2, 2], [64] * 12, [64] * 12,
+                       [624, 368, 368, 320, 368, 688, 752, 656, 640, 560, 256, 96])
+
+
+def three_products(model: PrunableViT) -> PrunableViT:
+    """`model` with a no-op forward hook on every q, k, v: attention then runs three products."""
+    for block in model.blocks:
+        for layer in (block.attn.q, block.attn.k, block.attn.v):
+            layer.register_forward_hook(lambda module, args, output: None)
+    return model
+
+
+def paired_ratios(models: dict[str, torch.nn.Module], x: torch.Tensor, cycles: int) -> dict[str, dict[str, float]]:
+    """Per model: median ms, and the median and quartiles of its per-cycle time / the first model's."""
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up
+            model(x), model(x)
+        for cycle in range(cycles):
+            for name in names if cycle % 2 else names[::-1]:
+                start = time.perf_counter()
+                models[name](x)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    reference = times[names[0]]
+    out = {}
+    for name in names:
+        ratios = [t / r for t, r in zip(times[name], reference)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        out[name] = {"ms": statistics.median(times[name]), "ratio": statistics.median(ratios), "q1": q1, "q3": q3}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default=None, help="dims.json or save_pretrained directory of a pruned model")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cycles", type=int, default=60)
+    parser.add_argument("--out", default=None, help="directory for results.json and results.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    steady_malloc()
+    torch.manual_seed(0)
+    pruned = load_arch(args.arch)[0] if args.arch else PRUNE_PY_070
+    dense = ViTDims.uniform(192, 12, 3)
+    models = {
+        "timm deit_tiny": timm.create_model("deit_tiny_patch16_224", pretrained=False).eval(),
+        "ours, dense": PrunableViT(dense, masked=False).eval(),
+        "ours, dense, 3 products": three_products(PrunableViT(dense, masked=False).eval()),
+        "ours, pruned": PrunableViT(pruned, masked=False).eval(),
+        "ours, pruned, 3 products": three_products(PrunableViT(pruned, masked=False).eval()),
+    }
+    x = torch.randn(args.batch_size, 3, 224, 224)
+    result = paired_ratios(models, x, args.cycles)
+    lines = [f"batch {args.batch_size}, {args.threads} threads, {args.cycles} cycles, torch {torch.__version__}",
+             "", "| model | median ms | paired ratio to timm (median) | quartiles |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |" for n, r in result.items()]
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        setup = {"batch_size": args.batch_size, "threads": args.threads, "cycles": args.cycles,
+                 "pruned_dims": pruned.to_dict(), "torch": torch.__version__}
+        (out / "results.json").write_text(json.dumps({"setup": setup, "models": result}, indent=1))
+        (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
