@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=0, help="KL fine-tune steps (0: one-shot only)")
     parser.add_argument("--recover-methods", nargs="*", default=None, help="default: every method")
     parser.add_argument("--recovery-lr", type=float, default=1e-4)
-    parser.add_argument("--rounds", type=int, default=3, help="timing rounds in the fresh process")
+    parser.add_argument("--rounds", type=int, default=12, help="paired timing rounds (one call per model each)")
     parser.add_argument("--val-batches", type=int, default=None, help="limit (default: all 1300 images)")
     args = parser.parse_args()
     setup_environment()
@@ -207,7 +207,7 @@ def main() -> None:
         for knob in knobs:
             specs[f"{method}|{knob}"] = candidates[method][knob][0]
     print(f"timing {len(specs)} models in a fresh process", flush=True)
-    timing = time_in_fresh_process(specs, latency_model.timing, rounds=args.rounds, repeats=3)
+    timing = time_in_fresh_process(specs, latency_model.timing, rounds=args.rounds)
     ms = timing["ms"]
 
     # 3. evaluate the chosen candidate of every (method, target), and recover it
