@@ -174,7 +174,7 @@ def ratio_uncertainty(result: Mapping[str, Any], model: str, reference: str) -> 
 
 
 def time_in_fresh_process(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, rounds: int = 25,
-                          repeats: int = 1, warmup: int = 2, timeout: float = 1800) -> dict[str, dict[str, float]]:
+                          repeats: int = 1, warmup: int = 2, timeout: float = 1800) -> dict[str, Any]:
     """`time_models` in a new Python process (see the module docstring for why)."""
     job = {"specs": dict(specs), "setup": asdict(setup), "rounds": rounds, "repeats": repeats, "warmup": warmup}
     done = subprocess.run([sys.executable, "-m", "nvit_lightning.timing"], input=json.dumps(job),
