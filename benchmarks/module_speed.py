@@ -8,9 +8,10 @@ the one `python prune.py` chose at 0.70). Each of ours runs twice: as shipped (q
 matrix product at inference) and with the three separate products (forced by a no-op forward hook
 on each of q, k, v, which makes `Attention` take its hooked path).
 
-On a shared machine the speed drifts by 30 % and more within minutes, so every cycle runs each model
-once, in alternating order, and the result is the median over cycles of each model's time divided by
-timm's time in the same cycle (a paired ratio), with its quartiles.
+On a shared machine the speed drifts by 30 % and more within minutes, so the models are timed as in
+the application's fresh-process timing (`nvit_lightning.timing.time_modules`): every cycle runs each
+model once, in a random order, and the result is the median over cycles of each model's time
+divided by timm's time in the same cycle (a paired ratio), with its quartiles.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import timm
@@ -26,7 +26,7 @@ import torch
 
 from nvit_lightning.models import PrunableViT, ViTDims
 from nvit_lightning.pruning.profiler import load_arch
-from nvit_lightning.timing import steady_malloc
+from nvit_lightning.timing import TimingSetup, round_ratios, time_modules
 
 # what `python prune.py` (defaults) kept at 0.70 of the predicted latency (2026-11-25)
 PRUNE_PY_070 = ViTDims(192, [3, 3, 2, 2, 1, 2, 2, 2, 2, 3, 2, 2], [64] * 12, [64] * 12,
@@ -41,24 +41,13 @@ def three_products(model: PrunableViT) -> PrunableViT:
     return model
 
 
-def paired_ratios(models: dict[str, torch.nn.Module], x: torch.Tensor, cycles: int) -> dict[str, dict[str, float]]:
-    """Per model: median ms, and the median and quartiles of its per-cycle time / the first model's."""
-    names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.inference_mode():
-        for model in models.values():  # warm-up
-            model(x), model(x)
-        for cycle in range(cycles):
-            for name in names if cycle % 2 else names[::-1]:
-                start = time.perf_counter()
-                models[name](x)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    reference = times[names[0]]
+def paired_summary(result: dict, reference: str) -> dict[str, dict[str, float]]:
+    """Per model of a `time_modules` result: median ms, and the median and quartiles of its
+    per-round time / `reference`'s."""
     out = {}
-    for name in names:
-        ratios = [t / r for t, r in zip(times[name], reference)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
-        out[name] = {"ms": statistics.median(times[name]), "ratio": statistics.median(ratios), "q1": q1, "q3": q3}
+    for name in result["ms"]:
+        q1, median, q3 = statistics.quantiles(round_ratios(result, name, reference), n=4, method="inclusive")
+        out[name] = {"ms": result["ms"][name], "ratio": median, "q1": q1, "q3": q3}
     return out
 
 
@@ -70,8 +59,6 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=60)
     parser.add_argument("--out", default=None, help="directory for results.json and results.md")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    steady_malloc()
     torch.manual_seed(0)
     pruned = load_arch(args.arch)[0] if args.arch else PRUNE_PY_070
     dense = ViTDims.uniform(192, 12, 3)
@@ -82,8 +69,8 @@ def main() -> None:
         "ours, pruned": PrunableViT(pruned, masked=False).eval(),
         "ours, pruned, 3 products": three_products(PrunableViT(pruned, masked=False).eval()),
     }
-    x = torch.randn(args.batch_size, 3, 224, 224)
-    result = paired_ratios(models, x, args.cycles)
+    setup = TimingSetup("cpu", "float32", args.batch_size, args.threads)
+    result = paired_summary(time_modules(models, setup, rounds=args.cycles), reference="timm deit_tiny")
     lines = [f"batch {args.batch_size}, {args.threads} threads, {args.cycles} cycles, torch {torch.__version__}",
              "", "| model | median ms | paired ratio to timm (median) | quartiles |", "|---|---|---|---|"]
     lines += [f"| {n} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |" for n, r in result.items()]

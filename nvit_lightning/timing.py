@@ -124,6 +124,12 @@ def _build(spec: Mapping[str, Any]) -> torch.nn.Module:
 
 def time_models(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, rounds: int = 25,
                 repeats: int = 1, warmup: int = 2, seed: int = 0) -> dict[str, Any]:
+    """`time_modules` of the models built from `specs` (architectures, random weights)."""
+    return time_modules({name: _build(spec) for name, spec in specs.items()}, setup, rounds, repeats, warmup, seed)
+
+
+def time_modules(models: Mapping[str, torch.nn.Module], setup: TimingSetup, rounds: int = 25,
+                 repeats: int = 1, warmup: int = 2, seed: int = 0) -> dict[str, Any]:
     """Median ms per model over `rounds`, each round timing every model (in a fresh random order)
     for `repeats` calls, after `warmup` calls of each model at the start. Many short rounds, because
     the speed of a shared machine changes within seconds: a model's time in a round is compared with
@@ -132,7 +138,7 @@ def time_models(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, roun
     if setup.num_threads:
         torch.set_num_threads(setup.num_threads)
     device, dtype = torch.device(setup.device), getattr(torch, setup.dtype)
-    models = {name: _build(spec).eval().to(device, dtype) for name, spec in specs.items()}
+    models = {name: model.eval().to(device, dtype) for name, model in models.items()}
     size = {name: m.patch_embed.img_size for name, m in models.items()}
     images = {name: torch.randn(setup.batch_size, 3, *size[name], device=device, dtype=dtype) for name in models}
     calls = {name: (lambda m=model, x=images[name]: m(x)) for name, model in models.items()}
@@ -149,7 +155,8 @@ def time_models(specs: Mapping[str, Mapping[str, Any]], setup: TimingSetup, roun
             "rounds": per_round}
 
 
-def _round_ratios(result: Mapping[str, Any], model: str, reference: str) -> list[float]:
+def round_ratios(result: Mapping[str, Any], model: str, reference: str) -> list[float]:
+    """`model`'s time over `reference`'s in each round of a `time_modules` result."""
     rounds = result["rounds"]
     return [m / r for m, r in zip(rounds[model], rounds[reference])]
 
@@ -160,13 +167,13 @@ def paired_ratio(result: Mapping[str, Any], model: str, reference: str) -> float
     ratio, where a ratio of overall medians can pair a slow round with a fast one."""
     if not result.get("rounds"):  # a result without rounds: the ratio of overall medians
         return result["ms"][model] / result["ms"][reference]
-    return statistics.median(_round_ratios(result, model, reference))
+    return statistics.median(round_ratios(result, model, reference))
 
 
 def ratio_uncertainty(result: Mapping[str, Any], model: str, reference: str) -> float:
     """How much the per-round ratios of `paired_ratio` disagree: their interquartile range relative
     to their median (0 where every round agrees)."""
-    ratios = _round_ratios(result, model, reference)
+    ratios = round_ratios(result, model, reference)
     if len(ratios) < 2:
         return 0.0
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")

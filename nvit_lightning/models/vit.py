@@ -80,7 +80,7 @@ class Attention(nn.Module):
         """Queries, keys, values of the tokens x (B, N, dim): (B, N, H * qk) twice, (B, N, H * v)."""
         if not self._one_gemm():
             return self.q(x), self.k(x), self.v(x)
-        # one GEMM instead of three narrow ones: ~3 % of a pruned DeiT-Tiny's CPU latency
+        # one GEMM instead of three narrow ones: 1-4 % of DeiT-Tiny's CPU latency
         # (benchmarks/module_speed.py); the weights are concatenated per call, which costs far less
         biases = [m.bias for m in (self.q, self.k, self.v)]
         qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]),
