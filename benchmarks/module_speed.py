@@ -1,10 +1,12 @@
 """Our PrunableViT modules against timm's own DeiT-Tiny, forward pass at inference, side by side.
 
     python benchmarks/module_speed.py --out benchmarks/results/module_speed
+    python benchmarks/module_speed.py --device cuda --dtype float16 --batch-size 256 \
+        --arch gpu_0.90=benchmarks/results/module_speed/archs/h100_0.90.json --out <dir>
 
 Models (random weights; speed does not depend on them): timm's `deit_tiny_patch16_224`, our dense
-PrunableViT, and a pruned DeiT-Tiny architecture (`--arch`: a dims.json or model directory; default:
-the one `python prune.py` chose at 0.70). Each of ours runs twice: as shipped (q, k and v as one
+PrunableViT, and pruned DeiT-Tiny architectures (`--arch`, repeatable: a dims.json or model
+directory; default: the one `python prune.py` chose at 0.70). Each of ours runs twice: as shipped (q, k and v as one
 matrix product at inference) and with the three separate products (forced by a no-op forward hook
 on each of q, k, v, which makes `Attention` take its hooked path).
 
@@ -41,6 +43,12 @@ def three_products(model: PrunableViT) -> PrunableViT:
     return model
 
 
+def parse_arch(spec: str) -> tuple[str, ViTDims]:
+    """`NAME=PATH` or `PATH` (named after its folder or file) -> (name, dims)."""
+    name, _, path = spec.rpartition("=")
+    return name or Path(path).stem, load_arch(path)[0]
+
+
 def paired_summary(result: dict, reference: str) -> dict[str, dict[str, float]]:
     """Per model of a `time_modules` result: median ms, and the median and quartiles of its
     per-round time / `reference`'s."""
@@ -53,33 +61,39 @@ def paired_summary(result: dict, reference: str) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default=None, help="dims.json or save_pretrained directory of a pruned model")
+    parser.add_argument("--arch", action="append", default=[],
+                        help="[NAME=]dims.json or save_pretrained directory of a pruned model; repeatable "
+                             "(default: the 0.70 architecture of prune.py, named 'pruned')")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
     parser.add_argument("--cycles", type=int, default=60)
     parser.add_argument("--out", default=None, help="directory for results.json and results.md")
     args = parser.parse_args()
     torch.manual_seed(0)
-    pruned = load_arch(args.arch)[0] if args.arch else PRUNE_PY_070
-    dense = ViTDims.uniform(192, 12, 3)
+    archs = dict(parse_arch(a) for a in args.arch) if args.arch else {"pruned": PRUNE_PY_070}
     models = {
         "timm deit_tiny": timm.create_model("deit_tiny_patch16_224", pretrained=False).eval(),
-        "ours, dense": PrunableViT(dense, masked=False).eval(),
-        "ours, dense, 3 products": three_products(PrunableViT(dense, masked=False).eval()),
-        "ours, pruned": PrunableViT(pruned, masked=False).eval(),
-        "ours, pruned, 3 products": three_products(PrunableViT(pruned, masked=False).eval()),
+        "ours, dense": PrunableViT(ViTDims.uniform(192, 12, 3), masked=False).eval(),
+        "ours, dense, 3 products": three_products(PrunableViT(ViTDims.uniform(192, 12, 3), masked=False).eval()),
     }
-    setup = TimingSetup("cpu", "float32", args.batch_size, args.threads)
+    for name, dims in archs.items():
+        models[f"ours, {name}"] = PrunableViT(dims, masked=False).eval()
+        models[f"ours, {name}, 3 products"] = three_products(PrunableViT(dims, masked=False).eval())
+    setup = TimingSetup(args.device, args.dtype, args.batch_size, args.threads)
     result = paired_summary(time_modules(models, setup, rounds=args.cycles), reference="timm deit_tiny")
-    lines = [f"batch {args.batch_size}, {args.threads} threads, {args.cycles} cycles, torch {torch.__version__}",
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
+    lines = [f"{where}, {args.dtype}, batch {args.batch_size}, {args.cycles} cycles, torch {torch.__version__}",
              "", "| model | median ms | paired ratio to timm (median) | quartiles |", "|---|---|---|---|"]
     lines += [f"| {n} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |" for n, r in result.items()]
     print("\n".join(lines))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        setup = {"batch_size": args.batch_size, "threads": args.threads, "cycles": args.cycles,
-                 "pruned_dims": pruned.to_dict(), "torch": torch.__version__}
+        setup = {"device": where, "dtype": args.dtype, "batch_size": args.batch_size, "threads": args.threads,
+                 "cycles": args.cycles,
+                 "archs": {n: d.to_dict() for n, d in archs.items()}, "torch": torch.__version__}
         (out / "results.json").write_text(json.dumps({"setup": setup, "models": result}, indent=1))
         (out / "results.md").write_text("\n".join(lines) + "\n")
 
