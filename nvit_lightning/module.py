@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,6 +89,21 @@ class NViTModule(L.LightningModule):
 
         return Mixup(num_classes=num_classes, **cfg)
 
+    def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixup / CutMix of a training batch (soft targets), if configured; the teachers then score the
+        mixed images. timm pairs each image with the batch's reverse, so an odd batch (the last one of
+        an epoch) stays unmixed."""
+        if self.mixup is None or len(x) % 2:
+            return x, y
+        # timm draws from numpy's global RNG, which Lightning's checkpoints do not keep: seeded per
+        # optimizer step instead, a resumed run mixes exactly as an uninterrupted one
+        state = np.random.get_state()
+        np.random.seed((torch.initial_seed() + self.step_offset + self.global_step) % 2**32)
+        try:
+            return self.mixup(x.clone(), y)
+        finally:
+            np.random.set_state(state)
+
     @property
     def teacher(self) -> PrunableViT | None:
         return self._teacher[0] if self._teacher else None
@@ -132,8 +148,7 @@ class NViTModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         hard_labels = y
-        if self.mixup is not None:
-            x, y = self.mixup(x, y)
+        x, y = self.mix(x, y)
         loss, output, terms = self.compute_loss(x, y)
         if self._non_finite(loss):
             self._skip_or_stop(terms)

@@ -365,6 +365,25 @@ def test_nonfinite_batches_are_skipped_up_to_the_limit(tmp_path: Path) -> None:
         module.training_step((images, labels), 2)
 
 
+def test_mixup_mixes_what_the_teacher_scores_and_leaves_odd_batches(tmp_path: Path) -> None:
+    model = build(compose_cfg("train", SMALL, tmp_path).model)
+    module = NViTModule(model, optimizer=torch.optim.SGD, kl_weight=1.0, kl_from_start=True,
+                        mixup={"mixup_alpha": 0.8, "cutmix_alpha": 0.0, "label_smoothing": 0.0})
+    seen = []
+    module.teacher.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    mixed, soft = module.mix(images, labels)
+    assert torch.equal(module.mix(images, labels)[0], mixed)  # seeded by the step: a resumed run mixes alike
+    lam = float(soft[0, 0])  # image i is mixed with image 3 - i: lam of its own label
+    assert 0.0 < lam < 1.0 and torch.allclose(soft.sum(-1), torch.ones(4))
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0), atol=1e-6)
+    _, _, terms = module.compute_loss(mixed, soft)
+    assert "kl" in terms and torch.equal(seen[-1], mixed)
+    odd_images, odd_labels = module.mix(images[:3], labels[:3])  # timm needs pairs: left as it is
+    assert torch.equal(odd_images, images[:3]) and torch.equal(odd_labels, labels[:3])
+
+
 def test_model_with_nan_weights_is_never_saved(tmp_path: Path) -> None:
     model = build(compose_cfg("train", SMALL, tmp_path).model)
     with torch.no_grad():

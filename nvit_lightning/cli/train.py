@@ -47,11 +47,13 @@ def make_module(cfg: DictConfig, model, stage: str, teacher=None, step_offset: i
     d, s = cfg.distill, cfg.schedule
     cnn = build_cnn_teacher(**d.cnn_teacher) if d.cnn_teacher else None
     prune = stage == "prune"
+    # plain containers: the module's hyperparameters go into checkpoints, loaded with weights_only=True
+    mixup = OmegaConf.to_container(d.mixup) if d.mixup else None
     return NViTModule(
         model, optimizer=build(s.optimizer if prune else s.finetune_optimizer),
         scheduler=build(s.scheduler if prune else s.finetune_scheduler), kl_weight=d.kl_weight,
         temperature=d.temperature if prune else d.finetune_temperature, kl_from_start=not prune,
-        teacher=teacher, label_smoothing=d.label_smoothing, mixup=d.mixup, cnn_teacher=cnn,
+        teacher=teacher, label_smoothing=d.label_smoothing, mixup=mixup, cnn_teacher=cnn,
         cnn_alpha=d.cnn_alpha, max_nonfinite_skips=cfg.max_nonfinite_skips, stage=stage, step_offset=step_offset)
 
 
