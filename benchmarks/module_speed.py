@@ -6,9 +6,9 @@
 
 Models (random weights; speed does not depend on them): timm's `deit_tiny_patch16_224`, our dense
 PrunableViT, and pruned DeiT-Tiny architectures (`--arch`, repeatable: a dims.json or model
-directory; default: the one `python prune.py` chose at 0.70). Each of ours runs twice: as shipped (q, k and v as one
-matrix product at inference) and with the three separate products (forced by a no-op forward hook
-on each of q, k, v, which makes `Attention` take its hooked path).
+directory; default: the one `python prune.py` chose at 0.70). Each of ours runs twice: as shipped
+(q, k and v as one matrix product at inference) and with the three separate products (forced by a
+no-op forward hook on each of q, k, v, which makes `Attention` take its hooked path).
 
 On a shared machine the speed drifts by 30 % and more within minutes, so the models are timed as in
 the application's fresh-process timing (`nvit_lightning.timing.time_modules`): every cycle runs each
