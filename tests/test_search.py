@@ -144,6 +144,20 @@ def test_search_meets_each_target_keeps_a_group_per_layer_and_compacts_exactly()
         LatencySearch(target=0.05)(model, latency, _batches(1), progress=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_search_on_the_gpu_prunes_what_it_prunes_on_the_cpu() -> None:
+    """Statistics are kept on the CPU while the model sits on the GPU: the traces must still run (they
+    once mixed devices) and choose the same units."""
+    latency = FlopsLatency(tokens=17, num_classes=10, patch_size=8)
+    search = LatencySearch(target=0.6, group_sizes={"mlp": 8})
+    on_cpu = search(tiny_vit().with_masks(), latency, _batches(), progress=False)[0.6]
+    on_gpu = search(tiny_vit().with_masks().cuda(), latency, _batches(), "cuda", progress=False)[0.6]
+    assert on_gpu.live_dims() == on_cpu.live_dims()
+    for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
+        if name.endswith("mask"):
+            assert torch.equal(a, b.cpu()), name
+
+
 def test_search_beats_random_widths_on_the_calibration_output_error() -> None:
     """At equal latency, the searched widths + refit reproduce the dense logits better than a random
     choice of units with the same widths + the same refit."""

@@ -66,11 +66,12 @@ def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, u
     out_features = weight.shape[0]
     bias = bias if bias is not None else weight.new_zeros(out_features)
     w = torch.cat([weight.double(), bias.double()[:, None]], 1)  # out, in + 1: the bias as an input that is always 1
-    h_inv = damped_inverse(stats.gram, damping)
+    device = w.device  # statistics are kept on the CPU; the trace runs where the weights are
+    h_inv = damped_inverse(stats.gram.to(device), damping)
     rows = (stats.row_sensitivity.double() if row_weights == "fisher"
-            else torch.ones(out_features, dtype=torch.float64)).to(w.device)
-    columns = torch.stack([u.to(torch.long) for u in units])  # U, s
-    alive = torch.ones(len(units), dtype=torch.bool)
+            else torch.ones(out_features, dtype=torch.float64)).to(device)
+    columns = torch.stack([u.to(torch.long) for u in units]).to(device)  # U, s
+    alive = torch.ones(len(units), dtype=torch.bool, device=device)
     order, cost = [], [0.0]
     for _ in range(len(units) - keep):
         ws = w[:, columns].permute(1, 2, 0)  # U, s, out
@@ -78,7 +79,8 @@ def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, u
             unit_cost = (ws[:, 0].square() * rows).sum(1) / h_inv.diagonal()[columns[:, 0]]
         else:
             hs = h_inv[columns[:, :, None], columns[:, None, :]]  # U, s, s
-            hs[~alive] = torch.eye(columns.shape[1], dtype=hs.dtype)  # removed units: downdated to 0, skipped
+            # removed units: downdated to 0, skipped
+            hs[~alive] = torch.eye(columns.shape[1], dtype=hs.dtype, device=hs.device)
             solved = torch.linalg.solve(hs, ws)  # U, s, out: [H⁻¹]_SS⁻¹ w_S
             unit_cost = ((ws * solved).sum(1) * rows).sum(1)  # U
         unit_cost[~alive] = float("inf")
