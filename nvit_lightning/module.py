@@ -158,12 +158,14 @@ class NViTModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"{self.stage}/train/{name}", value)
         self.log(f"{self.stage}/train/top1", self.train_top1, on_step=True, on_epoch=False)
-        self._log_step()
+        self._log_step(validating=False)
         return loss
 
-    def _log_step(self) -> None:
-        self.log("step", float(self.step_offset + self.global_step), on_step=not self.trainer.validating,
-                 on_epoch=self.trainer.validating, reduce_fx="max")
+    def _log_step(self, validating: bool) -> None:
+        # passed in by the hook, not read from `trainer.validating`, which is False during Lightning's
+        # sanity check: the key would be logged two ways in validation_step, which Lightning rejects
+        self.log("step", float(self.step_offset + self.global_step), on_step=not validating, on_epoch=validating,
+                 reduce_fx="max")
 
     def _non_finite(self, loss: Tensor) -> bool:
         """Whether any rank's loss is non-finite (one flag for all ranks, so all skip or stop together)."""
@@ -189,7 +191,7 @@ class NViTModule(L.LightningModule):
         self.log(f"{self.stage}/val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{self.stage}/val/top1", self.val_top1, prog_bar=True)
         self.log(f"{self.stage}/val/top5", self.val_top5)
-        self._log_step()
+        self._log_step(validating=True)
 
     def configure_optimizers(self) -> dict:
         decay, no_decay = [], []

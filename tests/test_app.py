@@ -3,12 +3,14 @@ resume, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -164,7 +166,6 @@ def test_export_mode_compacts_a_train_checkpoint(tmp_path: Path) -> None:
 
 def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, overrides: list[str],
                 extra_callbacks: tuple = ()) -> dict:
-    import lightning as L
     from hydra.utils import instantiate
 
     from nvit_lightning.callbacks import GlobalPruning
@@ -240,7 +241,6 @@ def test_signal_mid_epoch_checkpoints_and_resumes_exactly(signal_name: str, stat
 
 
 def test_signal_during_the_epoch_end_stops_with_an_epoch_end_checkpoint(tmp_path: Path) -> None:
-    import lightning as L
 
     from nvit_lightning.callbacks import InterruptCheckpoint, TrainingInterrupted
 
@@ -414,6 +414,26 @@ def test_stages_log_under_their_prefix_on_one_step_axis(logger: str, tmp_path: P
     assert min(finetune) > max(prune)  # stage 2 continues the step axis
     assert max(steps["prune/val/top1"]) <= min(finetune) <= max(finetune) <= max(steps["finetune/val/top1"])
     assert "train/loss" not in steps
+
+
+def test_validation_after_lightning_sanity_check_logs_the_step(tmp_path: Path) -> None:
+    # a Trainer left at Lightning's defaults runs 2 sanity-check validation batches before training
+    import csv
+
+    from nvit_lightning.oneshot import recover
+
+    cfg = compose_cfg("prune", BASE, tmp_path)
+    datamodule, dense, _ = build_run(cfg)
+    start = dense.compact()
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, max_epochs=-1, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=2, val_check_interval=2)  # 4 batches per epoch
+    student = recover(copy.deepcopy(start).train(), start.eval(), datamodule, trainer,
+                      build(cfg.schedule.finetune_optimizer), kl_weight=1.0, temperature=3.0)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        val_steps = [int(float(r["step"])) for r in csv.DictReader(f) if r.get("prune/val/top1")]
+    assert val_steps == [2, 4]
+    assert not torch.equal(student.head.weight, start.head.weight)
 
 
 def test_reconstruction_without_teacher_fails_before_training(tmp_path: Path) -> None:
