@@ -159,7 +159,14 @@ def main() -> None:
     parser.add_argument("--recovery-lr", type=float, default=1e-4)
     parser.add_argument("--rounds", type=int, default=12, help="paired timing rounds (one call per model each)")
     parser.add_argument("--val-batches", type=int, default=None, help="limit (default: all 1300 images)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rewrite the table and plot from <out>/accuracy_at_latency.json")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        result = json.loads((out / "accuracy_at_latency.json").read_text())
+        write_outputs(result, out)
+        return
     setup_environment()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t_start = time.time()
@@ -209,10 +216,13 @@ def main() -> None:
     print(f"timing {len(specs)} models in a fresh process", flush=True)
     timing = time_in_fresh_process(specs, latency_model.timing, rounds=args.rounds)
     ms = timing["ms"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timing.json").write_text(json.dumps(timing, indent=2))
 
     # 3. evaluate the chosen candidate of every (method, target), and recover it
     trainer_kwargs = dict(accelerator="cpu", devices=1, max_steps=args.recovery_steps, max_epochs=-1, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          limit_val_batches=0, num_sanity_val_steps=0)  # the validation images: final scores only
     teacher = dense.compact().eval()
     d = cfg.distill
     rows = [{"method": "dense DeiT-Tiny", "target": 1.0, "measured_ratio": paired_ratio(timing, "dense", "timm_dense"),
@@ -235,6 +245,7 @@ def main() -> None:
             row["recovered"] = evaluate(student, val, desc="evaluate recovered")
         rows.append(row)
         print(json.dumps(row), flush=True)
+        (out / "partial_rows.json").write_text(json.dumps(rows, indent=2))  # kept if a later cell fails
 
     result = {"machine": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "latency_model": latency_model.describe(), "timing_setup": str(latency_model.timing),
@@ -242,9 +253,12 @@ def main() -> None:
               "calib_images": len(batches) * batches[0][1].numel(), "val_images": sum(len(y) for _, y in val),
               "recovery_steps": args.recovery_steps, "recovery_lr": args.recovery_lr,
               "minutes": (time.time() - t_start) / 60, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy_at_latency.json").write_text(json.dumps(result, indent=2))
+    (out / "partial_rows.json").unlink()
+    write_outputs(result, out)
+
+
+def write_outputs(result: dict, out: Path) -> None:
     (out / "accuracy_at_latency.md").write_text(markdown(result))
     plot(result, out / "accuracy_at_latency.png")
     print(markdown(result))
@@ -282,16 +296,22 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for method in dict.fromkeys(r["method"] for r in result["rows"] if r["target"] < 1):
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["speedup"])
         style = "-o" if method.startswith("ours") else "--s"
-        ax.plot([r["speedup"] for r in rows], [r["top1"] for r in rows], style, label=method, markersize=4)
+        (line,) = ax.plot([r["speedup"] for r in rows], [r["top1"] for r in rows], style, label=method,
+                          markersize=4)
+        recovered = [r for r in rows if "recovered" in r]
+        if recovered:  # the same models after the recovery fine-tune: hollow markers, same colour
+            ax.plot([r["speedup"] for r in recovered], [r["recovered"]["top1"] for r in recovered], ":",
+                    marker=style[-1], color=line.get_color(), markerfacecolor="none", markersize=5,
+                    label=f"{method}, + {result['recovery_steps']} KL steps")
     dense = next(r for r in result["rows"] if r["target"] == 1.0)
     ax.axhline(dense["top1"], color="gray", lw=0.8, ls=":", label="dense DeiT-Tiny")
     ax.set_xlabel("measured speed-up vs timm's DeiT-Tiny (fresh process)")
-    ax.set_ylabel("top-1 % (1300 ImageNet val images), one-shot")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("top-1 % (1300 ImageNet val images)")
+    ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
