@@ -220,9 +220,9 @@ def main() -> None:
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
 
     # 3. evaluate the chosen candidate of every (method, target), and recover it
-    trainer_kwargs = dict(accelerator="cpu", devices=1, max_steps=args.recovery_steps, max_epochs=-1, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                          limit_val_batches=0, num_sanity_val_steps=0)  # the validation images: final scores only
+    # prune.py's recovery trainer (conf/trainer: no validation during the fine-tune, no sanity check)
+    trainer_kwargs = dict(max_steps=args.recovery_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)
     teacher = dense.compact().eval()
     d = cfg.distill
     rows = [{"method": "dense DeiT-Tiny", "target": 1.0, "measured_ratio": paired_ratio(timing, "dense", "timm_dense"),
@@ -239,7 +239,7 @@ def main() -> None:
                "gmac": size["macs"] / 1e9, **evaluate(model, val, desc=f"evaluate {method}")}
         if args.recovery_steps > 0 and (args.recover_methods is None or method in args.recover_methods):
             L.seed_everything(cfg.seed, workers=True)  # the same batches for every method
-            student = recover(copy.deepcopy(model).train(), teacher, datamodule, L.Trainer(**trainer_kwargs),
+            student = recover(copy.deepcopy(model).train(), teacher, datamodule, build(cfg.trainer, **trainer_kwargs),
                               build(cfg.schedule.finetune_optimizer, lr=args.recovery_lr), d.kl_weight,
                               d.temperature, d.label_smoothing)
             row["recovered"] = evaluate(student, val, desc="evaluate recovered")
@@ -254,7 +254,7 @@ def main() -> None:
               "recovery_steps": args.recovery_steps, "recovery_lr": args.recovery_lr,
               "minutes": (time.time() - t_start) / 60, "rows": rows}
     (out / "accuracy_at_latency.json").write_text(json.dumps(result, indent=2))
-    (out / "partial_rows.json").unlink()
+    (out / "partial_rows.json").unlink(missing_ok=True)
     write_outputs(result, out)
 
 

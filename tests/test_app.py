@@ -241,7 +241,6 @@ def test_signal_mid_epoch_checkpoints_and_resumes_exactly(signal_name: str, stat
 
 
 def test_signal_during_the_epoch_end_stops_with_an_epoch_end_checkpoint(tmp_path: Path) -> None:
-
     from nvit_lightning.callbacks import InterruptCheckpoint, TrainingInterrupted
 
     interrupt = InterruptCheckpoint(tmp_path / "stop")
