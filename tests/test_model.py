@@ -8,8 +8,10 @@ import pytest
 import timm
 import torch
 
-from nvit_lightning.models import PrunableViT, ViTDims, from_timm, revit_dims
+from nvit_lightning.models import KINDS, PrunableViT, ViTDims, from_timm, revit_dims
+from nvit_lightning.models.compact import load_compact_into
 from nvit_lightning.models.structure import mask_names
+from nvit_lightning.pruning import Structure
 
 from .conftest import DEIT_TINY_CKPT, needs_deit_tiny, random_masks, tiny_vit
 
@@ -89,6 +91,32 @@ def test_compaction_equivalence_small(distilled: bool, seed: int) -> None:
         num_classes=10, patch_size=8, num_patches=16, distilled=distilled)
     assert compact.num_params() < model.num_params()
     assert not compact.masks()
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_load_compact_into_inverts_compaction(distilled: bool) -> None:
+    """Changed weights of a compact model, written back into its masked original, give the same
+    function there; pruned slices stay zero."""
+    model = tiny_vit(distilled, seed=4)
+    random_masks(model, seed=4)
+    Structure(model, group_sizes=dict.fromkeys(KINDS, 1)).zero_pruned()
+    compact = model.compact()
+    with torch.no_grad():
+        for param in compact.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    load_compact_into(model, compact)
+    x = _images(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), compact(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.compact().state_dict(), compact.state_dict())
+    structure = Structure(model, group_sizes=dict.fromkeys(KINDS, 1))
+    for spec in structure.param_axes:
+        viewed = model.get_parameter(spec.name).detach().view(spec.view)
+        for key, axis in spec.axes.items():
+            dead = (structure.layers[key].mask == 0).nonzero().flatten()
+            assert viewed.index_select(axis, dead).abs().sum() == 0, (spec.name, key)
+    with pytest.raises(ValueError, match="dims"):
+        load_compact_into(model, tiny_vit(distilled).compact())
 
 
 def test_compaction_removes_whole_heads_and_emb() -> None:
