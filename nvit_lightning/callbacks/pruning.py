@@ -114,16 +114,23 @@ class GlobalPruning(L.Callback):
 
     def _reconstruct(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refit the student against the frozen dense teacher on the datamodule's calibration batches
-        (the same on every rank, so DDP replicas stay identical)."""
+        (the same on every rank; rank 0's result is broadcast, because a GPU's attention backward in
+        the block distillation is not bit-reproducible and DDP replicas must stay identical)."""
         batches = list(trainer.datamodule.calib_dataloader(self.reconstruction.batches))
         was_training = pl_module.student.training
         results = self.reconstruction(pl_module.student, pl_module.teacher, batches, pl_module.device,
                                       progress=trainer.is_global_zero)
         pl_module.student.train(was_training)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            for tensor in pl_module.student.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
         if trainer.is_global_zero and results:
-            before = sum(r.error_before for r in results) / len(results)
-            after = sum(r.error_after for r in results) / len(results)
-            log.info(f"reconstruction: mean relative error of {len(results)} layers {before:.3f} -> {after:.3f}")
+            for what, part in (("layers", [r for r in results if r.layer.count(".") > 1]),
+                               ("blocks", [r for r in results if r.layer.count(".") == 1])):
+                if part:
+                    before = sum(r.error_before for r in part) / len(part)
+                    after = sum(r.error_after for r in part) / len(part)
+                    log.info(f"reconstruction: mean relative error of {len(part)} {what} {before:.3f} -> {after:.3f}")
 
     def _record(self, event: PruningEvent, step: int, model: torch.nn.Module) -> dict[str, Any]:
         size = model.size_of(event.dims)

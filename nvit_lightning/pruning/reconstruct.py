@@ -22,12 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..models import PrunableViT
+
+if TYPE_CHECKING:
+    from .block_distill import BlockDistillation
 
 LAYERS = ("qkv", "proj", "fc1", "fc2")
 TARGETS = ("reference", "local")
@@ -201,12 +205,14 @@ def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
 @dataclass(frozen=True)
 class Reconstruction:
     """`reconstruct` with its options fixed, as configured (`conf/reconstruction/`): refit `layers`
-    on `batches` calibration batches."""
+    on `batches` calibration batches, then, with `distillation`, train each block on the same
+    batches to reproduce the dense model's (`block_distill.py`)."""
 
     layers: Sequence[str] = ("proj", "fc2")
     target: str = "reference"
     damping: float = 0.01
     batches: int = 8
+    distillation: BlockDistillation | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -216,5 +222,9 @@ class Reconstruction:
 
     def __call__(self, model: PrunableViT, reference: PrunableViT, batches: Sequence[Tensor | Sequence[Tensor]],
                  device: str | torch.device = "cpu", progress: bool = True) -> list[FitResult]:
-        return reconstruct(model, reference, list(batches)[: self.batches], self.layers, self.target,
-                           self.damping, device, progress)
+        batches = list(batches)[: self.batches]
+        results = reconstruct(model, reference, batches, self.layers, self.target, self.damping, device, progress)
+        if self.distillation is not None:
+            images = [b[0] if isinstance(b, list | tuple) else b for b in batches]
+            results += self.distillation(model, reference, images, device, progress)
+        return results
