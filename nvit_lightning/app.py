@@ -227,12 +227,19 @@ def pruning_options(pruner: DictConfig) -> dict[str, Any]:
     return options
 
 
+def work_device(cfg: DictConfig) -> str:
+    """Where work outside the Lightning trainer runs (one-shot pruning, reconstruction, evaluation):
+    this process's GPU (`LOCAL_RANK` under DDP) when the trainer uses GPUs, else the CPU."""
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
 def val_accuracy(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, name: str) -> dict[str, float]:
     """Top-1 / top-5 on data.val; empty with `evaluate=false` or without a validation set."""
     if not cfg.evaluate or datamodule.val_spec is None:
         return {}
-    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto") else "cpu"
-    return evaluate(model, datamodule.val_dataloader(), device, desc=f"evaluate {name}")
+    return evaluate(model, datamodule.val_dataloader(), work_device(cfg), desc=f"evaluate {name}")
 
 
 def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: Any, cfg: DictConfig,

@@ -32,6 +32,7 @@ from nvit_lightning.app import (
     save_config,
     setup_environment,
     val_accuracy,
+    work_device,
 )
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.oneshot import prune_one_shot, recover, search_and_refit, snapshot_path
@@ -78,7 +79,7 @@ def prune(cfg: DictConfig) -> dict:
         _, criterion, pruner = build_pruning(model, latency_model, **pruning_options(cfg.pruner))
     reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
     save_config(cfg, out_dir)
-    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
+    device = work_device(cfg)
     dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=False)
 
     needed = max(cfg.calib_batches, cfg.rescore_batches, reconstruction.batches if reconstruction else 0)

@@ -33,6 +33,7 @@ from nvit_lightning.app import (
     save_config,
     setup_environment,
     val_accuracy,
+    work_device,
 )
 from nvit_lightning.build import build_cnn_teacher
 from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, InterruptCheckpoint, SparsitySweep
@@ -125,6 +126,7 @@ def train(cfg: DictConfig) -> dict:
         needed = max(cfg.calib_batches, reconstruction.batches if reconstruction else 0)
         compacts = search_and_refit(search, model, teacher, latency_model,
                                     list(datamodule.calib_dataloader(needed)), cfg.calib_batches, reconstruction,
+                                    device=work_device(cfg),
                                     snapshot_dir=out_dir / "snapshots" if is_rank_zero() else None,
                                     progress=is_rank_zero())
         compact, step, history = compacts[search.target], 0, []
