@@ -43,6 +43,7 @@ UNIT_GROUPS = dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1)
 # our pipeline's variants: Hydra overrides of conf/prune.yaml (its defaults are "ours")
 OURS: dict[str, list[str]] = {
     "ours": [],
+    "ours + block distillation": ["reconstruction=block_distill"],
     "ours, no reconstruction": ["reconstruct=false"],
     "saliency events (hessian) + reconstruction": ["pruner=oneshot"],
     "NViT paper ranking (hessian, η=0, every kind), no reconstruction": [

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from nvit_lightning.app import build, build_run, setup_environment
+from nvit_lightning.app import build, build_run, setup_environment, work_device
 from nvit_lightning.models import NonFiniteWeightsError, PrunableViT
 from nvit_lightning.module import NonFiniteLossError, NViTModule
 
@@ -625,3 +625,16 @@ def test_sparsity_sweep_resumes_mid_sweep(tmp_path: Path) -> None:
     full_zeros, resumed_zeros = _zeros(full["sparse"][1]["dir"]), _zeros(resumed["sparse"][1]["dir"])
     for key in full_zeros:
         assert torch.equal(full_zeros[key], resumed_zeros[key]), key
+
+
+def test_work_device_follows_the_trainer_and_the_local_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_cfg("train", [], tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert work_device(cfg) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert work_device(cfg) == "cpu"  # trainer=cpu: the GPU stays unused
+    gpu = compose_cfg("train", ["trainer=gpu"], tmp_path)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert work_device(gpu) == "cuda:0"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child process works on its own GPU
+    assert work_device(gpu) == "cuda:1"
