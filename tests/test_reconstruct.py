@@ -148,6 +148,18 @@ def test_block_distillation_is_reproducible_and_leaves_the_reference_alone() -> 
     assert not dense.training and not pruned.training
 
 
+def test_block_distillation_never_leaves_a_block_worse_than_the_refit() -> None:
+    """At an absurd learning rate training ruins the blocks; each then keeps its refit weights."""
+    dense = tiny_vit()
+    pruned = _pruned(dense, seed=6)
+    images = _images()
+    reconstruct(pruned, dense, images, progress=False)
+    refit = copy.deepcopy(pruned.state_dict())
+    results = BlockDistillation(epochs=2, lr=10.0)(pruned, dense, images, progress=False)
+    assert all(r.error_after == r.error_before for r in results)
+    torch.testing.assert_close(pruned.state_dict(), refit, atol=0, rtol=0)
+
+
 def test_input_side_refit_recovers_pruned_emb_channels() -> None:
     """With EMB channels pruned, refitting q/k/v and fc1 as well brings the model closer than
     refitting the output side alone."""

@@ -18,6 +18,7 @@ tuned model still compacts exactly.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -37,9 +38,10 @@ from .reconstruct import FitResult
 class BlockDistillation:
     """Train each block for `epochs` passes over the calibration tokens (Adam, cosine-decayed `lr`,
     mini-batches of `batch_size` images drawn with a generator seeded by `seed`) to minimise the mean
-    squared error between its output residual stream and the dense model's."""
+    squared error between its output residual stream and the dense model's. A block that ends worse
+    on the calibration images than it started (e.g. at too high an lr) keeps its refit weights."""
 
-    epochs: int = 8
+    epochs: int = 16
     lr: float = 1e-3
     batch_size: int = 32
     seed: int = 0
@@ -79,6 +81,7 @@ class BlockDistillation:
                 theirs = _chunked(functools.partial(dense_block, emb_mask=ref_mask), theirs, self.batch_size)
                 target = theirs[..., live_emb]
                 before = _relative_error(_chunked(block, ours, self.batch_size), target)
+            refit = copy.deepcopy(block.state_dict())
             optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -92,8 +95,13 @@ class BlockDistillation:
                     schedule.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                ours = _chunked(block, ours, self.batch_size)
-            results.append(FitResult(f"blocks.{i}", before, _relative_error(ours, target)))
+                tuned = _chunked(block, ours, self.batch_size)
+                after = _relative_error(tuned, target)
+                if not after < before:
+                    block.load_state_dict(refit)
+                    tuned, after = _chunked(block, ours, self.batch_size), before
+                ours = tuned
+            results.append(FitResult(f"blocks.{i}", before, after))
             bar.set_postfix(error=f"{results[-1].error_before:.3f}->{results[-1].error_after:.3f}")
         load_compact_into(model, student)
         model.train(modes[0])
