@@ -38,3 +38,15 @@ def random_masks(model: PrunableViT, seed: int = 0, keep: float = 0.6) -> None:
             drop = torch.rand(mask.numel(), generator=generator) > keep
             drop[torch.randint(mask.numel(), (1,), generator=generator)] = False  # keep one alive
             mask[drop] = 0
+
+
+def assert_pruned_slices_zero(model: PrunableViT) -> None:
+    """Every parameter slice of a masked unit is exactly zero (nothing revived it)."""
+    from nvit_lightning.pruning import Structure
+
+    structure = Structure(model, group_sizes=dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1))
+    for spec in structure.param_axes:
+        viewed = model.get_parameter(spec.name).detach().view(spec.view)
+        for key, axis in spec.axes.items():
+            dead = (structure.layers[key].mask == 0).nonzero().flatten()
+            assert viewed.index_select(axis, dead).abs().sum() == 0, (spec.name, key)

@@ -13,7 +13,7 @@ from nvit_lightning.models.compact import load_compact_into
 from nvit_lightning.models.structure import mask_names
 from nvit_lightning.pruning import Structure
 
-from .conftest import DEIT_TINY_CKPT, needs_deit_tiny, random_masks, tiny_vit
+from .conftest import DEIT_TINY_CKPT, assert_pruned_slices_zero, needs_deit_tiny, random_masks, tiny_vit
 
 
 def _images(n: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:
@@ -109,12 +109,7 @@ def test_load_compact_into_inverts_compaction(distilled: bool) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), compact(x), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(model.compact().state_dict(), compact.state_dict())
-    structure = Structure(model, group_sizes=dict.fromkeys(KINDS, 1))
-    for spec in structure.param_axes:
-        viewed = model.get_parameter(spec.name).detach().view(spec.view)
-        for key, axis in spec.axes.items():
-            dead = (structure.layers[key].mask == 0).nonzero().flatten()
-            assert viewed.index_select(axis, dead).abs().sum() == 0, (spec.name, key)
+    assert_pruned_slices_zero(model)
     with pytest.raises(ValueError, match="dims"):
         load_compact_into(model, tiny_vit(distilled).compact())
 

@@ -13,7 +13,7 @@ from nvit_lightning.pruning import Structure
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.pruning.reconstruct import Reconstruction, reconstruct
 
-from .conftest import random_masks, tiny_vit
+from .conftest import assert_pruned_slices_zero, random_masks, tiny_vit
 
 
 def _images(n: int = 4, batch: int = 16, seed: int = 1) -> list[torch.Tensor]:
@@ -89,20 +89,11 @@ def test_reconstructed_model_compacts_exactly() -> None:
     pruned = _pruned(dense, seed=3)
     reconstruct(pruned, dense, _images(), progress=False)
     assert sum(int((m == 0).sum()) for m in pruned.masks().values()) > 10
-    _assert_pruned_slices_zero(pruned)  # the refit revives nothing
+    assert_pruned_slices_zero(pruned)  # the refit revives nothing
     compact = pruned.compact()
     x = torch.cat(_images(1, seed=7))
     with torch.no_grad():
         torch.testing.assert_close(compact(x), pruned(x), atol=1e-5, rtol=1e-5)
-
-
-def _assert_pruned_slices_zero(model: PrunableViT) -> None:
-    structure = Structure(model, group_sizes=dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1))
-    for spec in structure.param_axes:
-        viewed = model.get_parameter(spec.name).detach().view(spec.view)
-        for key, axis in spec.axes.items():
-            dead = (structure.layers[key].mask == 0).nonzero().flatten()
-            assert viewed.index_select(axis, dead).abs().sum() == 0, (spec.name, key)
 
 
 @pytest.mark.parametrize(("prune_emb", "factor"), [(False, 0.6), (True, 0.99)])
@@ -128,7 +119,7 @@ def test_block_distillation_lowers_every_blocks_error_after_the_refit(prune_emb:
         reference = _block_outputs(dense, out)
         for b, a, r in zip(_block_outputs(refit, out), _block_outputs(pruned, out), reference):
             assert (a - r)[..., live].square().sum() < factor * (b - r)[..., live].square().sum()
-    _assert_pruned_slices_zero(pruned)
+    assert_pruned_slices_zero(pruned)
     x = torch.cat(unseen)
     with torch.no_grad():
         torch.testing.assert_close(pruned.compact()(x), pruned(x), atol=1e-5, rtol=1e-5)

@@ -45,13 +45,14 @@ def load_compact_into(model: PrunableViT, compact: PrunableViT) -> None:
         raise ValueError(f"compact dims {compact.dims} differ from the masked model's live dims {model.live_dims()}")
     live = _live_units(model)
     params, new = dict(model.named_parameters()), dict(compact.named_parameters())
-    for spec in param_axes(model):
+    specs = param_axes(model)
+    for spec in specs:
         viewed = params[spec.name].data.view(spec.view)
         index = [torch.arange(n, device=viewed.device) for n in spec.view]
         for key, axis in spec.axes.items():
             index[axis] = live[key].to(viewed.device)
         viewed[torch.meshgrid(*index, indexing="ij")] = new[spec.name].reshape([len(i) for i in index])
-    unit_owned = {spec.name for spec in param_axes(model)}
+    unit_owned = {spec.name for spec in specs}
     for name, param in params.items():
         if name not in unit_owned:  # e.g. the classifier bias: no prunable axis
             param.data.copy_(new[name])

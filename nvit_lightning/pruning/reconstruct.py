@@ -134,7 +134,7 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
     device = torch.device(device)
     model.to(device).eval()
     reference.to(device).eval()
-    batches = [(b[0] if isinstance(b, list | tuple) else b).to(device) for b in images]
+    batches = [x.to(device) for x in image_batches(images)]
     if not batches:
         raise ValueError("reconstruct needs at least one calibration batch")
     emb_mask, ref_mask = model.emb_mask, reference.emb_mask_or_none
@@ -188,6 +188,11 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
     return results
 
 
+def image_batches(batches: Iterable[Tensor | Sequence[Tensor]]) -> list[Tensor]:
+    """The images of calibration batches given as tensors or as (images, labels) pairs."""
+    return [b[0] if isinstance(b, list | tuple) else b for b in batches]
+
+
 def _check_options(layers: Sequence[str], target: str, damping: float) -> None:
     unknown = set(layers) - set(LAYERS)
     if unknown:
@@ -225,6 +230,5 @@ class Reconstruction:
         batches = list(batches)[: self.batches]
         results = reconstruct(model, reference, batches, self.layers, self.target, self.damping, device, progress)
         if self.distillation is not None:
-            images = [b[0] if isinstance(b, list | tuple) else b for b in batches]
-            results += self.distillation(model, reference, images, device, progress)
+            results += self.distillation(model, reference, image_batches(batches), device, progress)
         return results
