@@ -191,7 +191,7 @@ def test_profile_and_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     model.save_pretrained(tmp_path / "ckpt")
     dims, config = load_arch(tmp_path / "ckpt")
     assert dims == ViTDims(16, [1], [8], [8], [16]) and config["img_size"] == 64
-    main(["check", "--table", str(out), "--dims", str(tmp_path / "ckpt" / "dims.json"),
+    main(["check", "--table", str(out), "--dims", str(tmp_path / "ckpt" / "config.json"),
           "--repeats", "2", "--rounds", "1"])
     assert "relative error" in capsys.readouterr().out
 

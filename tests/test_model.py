@@ -189,9 +189,24 @@ def test_save_load_round_trip(tmp_path) -> None:
         with torch.no_grad():
             assert torch.equal(loaded(x), m(x))
         assert loaded.dims == m.dims and loaded.masked == m.masked
-    config = json.loads((tmp_path / "True" / "dims.json").read_text())
-    assert config["dims"]["heads"] == [3, 2] and config["img_size"] == 32
+    config = json.loads((tmp_path / "True" / "config.json").read_text())
+    assert config["architecture"] == "nvit_vit" and config["num_classes"] == 10
+    assert config["model_args"]["dims"]["heads"] == [3, 2] and config["model_args"]["img_size"] == 32
     assert not list(tmp_path.rglob("*.pt*")), "no pickles"
+
+
+def test_legacy_dims_json_still_loads(tmp_path) -> None:
+    """Directories written before config.json (dims.json: the config dict itself) load as before."""
+    model = tiny_vit(distilled=True)
+    random_masks(model, seed=6)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "dims.json").write_text(json.dumps({"architecture": "PrunableViT", **model.config,
+                                                    "masked": True}))
+    loaded = PrunableViT.from_pretrained(tmp_path).eval()
+    x = _images(2, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_load_rejects_other_architecture(tmp_path) -> None:
@@ -203,7 +218,7 @@ def test_load_rejects_other_architecture(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="does not match the model's architecture"):
         load_checked_state_dict(other, load_file(str(tmp_path / "model.safetensors")), "ckpt")
-    with pytest.raises(FileNotFoundError, match=r"dims\.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         PrunableViT.from_pretrained(tmp_path / "missing")
 
 
@@ -212,8 +227,8 @@ def test_from_timm_errors() -> None:
         from_timm("deit_gigantic_patch3")
     with pytest.raises(ValueError, match="num_heads"):
         from_timm(timm.create_model("deit_tiny_patch16_224").state_dict())
-    with pytest.raises(ValueError, match="LayerScale"):
-        from_timm(timm.create_model("deit3_small_patch16_224"))
+    with pytest.raises(ValueError, match="attention pooling"):
+        from_timm(timm.create_model("vit_base_patch16_siglip_224", depth=1, embed_dim=32, num_heads=2))
 
 
 def test_wrong_checkpoint_for_timm_name(tmp_path) -> None:

@@ -15,7 +15,8 @@ def compact_vit(model: PrunableViT) -> PrunableViT:
     if not model.masked:
         raise ValueError("compact() needs a masked model; this one is already compact")
     live = _live_units(model)
-    compact = PrunableViT(**{**model.config, "dims": model.live_dims().to_dict(), "masked": False})
+    compact = PrunableViT(**{**model.config, "dims": model.live_dims().to_dict(), "masked": False,
+                             "pretrained_cfg": model.pretrained_cfg})
     compact.train(model.training)
 
     sliced = {}

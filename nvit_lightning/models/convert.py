@@ -1,4 +1,5 @@
-"""Import timm DeiT / ViT weights into a PrunableViT (the `checkpoint_filter_fn` of this project)."""
+"""Import timm VisionTransformer / DeiT models into a PrunableViT (the `checkpoint_filter_fn` of this
+project), or refuse, in one line naming the feature, what PrunableViT cannot reproduce."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .dims import ViTDims
-from .vit import PrunableViT, load_checked_state_dict
+from .vit import FEATURES, POOLS, PrunableViT, load_checked_state_dict
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -49,7 +50,7 @@ def dims_from_timm_model(model: nn.Module) -> ViTDims:
     head dim and MLP width, embedding narrower than heads x head dim)."""
     heads = [block.attn.num_heads for block in model.blocks]
     head_dims = [block.attn.qkv.out_features // (3 * h) for block, h in zip(model.blocks, heads)]
-    return ViTDims(model.cls_token.shape[-1], heads, head_dims, head_dims,
+    return ViTDims(model.patch_embed.proj.out_channels, heads, head_dims, head_dims,
                    [block.mlp.fc1.out_features for block in model.blocks])
 
 
@@ -73,12 +74,14 @@ def from_timm_state_dict(state_dict: dict[str, Tensor], num_heads: int, masked: 
 
 def from_timm(source: nn.Module | str | dict[str, Tensor], checkpoint_path: str | Path | None = None,
               pretrained: bool = False, num_heads: int | None = None, masked: bool = True,
-              **model_kwargs: object) -> PrunableViT:
-    """A PrunableViT with the weights of a timm DeiT/ViT, computing the same function.
+              num_classes: int | None = None, **model_kwargs: object) -> PrunableViT:
+    """A PrunableViT with the weights of a timm VisionTransformer / DeiT, computing the same function.
 
     `source` is a timm model, a timm model name (weights from `checkpoint_path`, or from the hub with
-    `pretrained=True`, which needs the network), or a timm-layout state dict (then `num_heads` is
-    required). Extra keyword arguments (e.g. `drop_path_rate`) go to PrunableViT.
+    `pretrained=True`, which needs the network), or a timm-layout DeiT state dict (then `num_heads` is
+    required). `num_classes` different from the source's gives a new classifier (`reset_classifier`).
+    Extra keyword arguments (e.g. `drop_path_rate`) go to PrunableViT. A timm feature PrunableViT
+    does not reproduce is refused with one ValueError naming it (`unsupported_features`).
     """
     import timm
 
@@ -98,36 +101,142 @@ def from_timm(source: nn.Module | str | dict[str, Tensor], checkpoint_path: str 
     if isinstance(source, nn.Module):
         _check_supported(source)
         dims = dims_from_timm_model(source)
-        # the scale the module really applies: fused attention uses 1/sqrt(its actual head dim)
-        scale_dims = [qk if b.attn.fused_attn else round(b.attn.scale ** -2)
-                      for b, qk in zip(source.blocks, dims.qk)]
-        return from_timm_state_dict(source.state_dict(), source.blocks[0].attn.num_heads, masked,
-                                    type(source).__name__, dims,
-                                    **{"attn_scale_dims": scale_dims, **model_kwargs})
-    if num_heads is None:
+        model = PrunableViT(dims, masked=masked, **{**timm_model_config(source, dims), **model_kwargs})
+        load_checked_state_dict(model, source.state_dict(), type(source).__name__)
+    elif num_heads is None:
         raise ValueError("from_timm(state_dict) needs num_heads: it cannot be read off the shapes")
-    return from_timm_state_dict(source, num_heads, masked, **model_kwargs)
+    else:
+        model = from_timm_state_dict(source, num_heads, masked, **model_kwargs)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def timm_model_config(model: nn.Module, dims: ViTDims) -> dict:
+    """PrunableViT arguments (all but dims) reproducing a supported timm VisionTransformer."""
+    pe, block = model.patch_embed, model.blocks[0]
+    global_pool = model.global_pool
+    fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    # the scale the module really applies: fused attention uses 1/sqrt(its actual head dim)
+    scale_dims = [qk if b.attn.fused_attn else round(b.attn.scale ** -2) for b, qk in zip(model.blocks, dims.qk)]
+    config = dict(
+        img_size=pe.img_size[0], patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
+        num_classes=model.num_classes, distilled=getattr(model, "dist_token", None) is not None,
+        qkv_bias=block.attn.qkv.bias is not None, attn_scale_dims=scale_dims, global_pool=global_pool,
+        # None where timm's default placement (after pooling for avg/max pools) is what the model has
+        fc_norm=None if fc_norm == (global_pool in ("avg", "avgmax", "max")) else fc_norm,
+        class_token=model.cls_token is not None, reg_tokens=model.num_reg_tokens,
+        no_embed_class=model.no_embed_class,
+        # LayerScale's initial value only matters when training from scratch: the gammas are loaded
+        init_values=None if isinstance(block.ls1, nn.Identity) else float(getattr(block.ls1, "init_values", 1e-5)),
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        qk_norm=not isinstance(block.attn.q_norm, nn.Identity), norm_eps=block.norm1.eps,
+        pretrained_cfg=dict(getattr(model, "pretrained_cfg", None) or {}) or None,
+    )
+    return {k: v for k, v in config.items() if k not in FEATURES or v != FEATURES[k]}
 
 
 def _check_supported(model: nn.Module) -> None:
-    """Refuse timm ViT variants whose function PrunableViT cannot reproduce."""
-    name = type(model).__name__
-    if not hasattr(model, "blocks") or not hasattr(model.blocks[0], "attn"):
-        raise ValueError(f"{name} is not a timm VisionTransformer")
-    block = model.blocks[0]
-    problems = []
-    if getattr(model, "global_pool", "token") != "token":
-        problems.append(f"global_pool='{model.global_pool}'")
-    if getattr(model, "reg_token", None) is not None:
-        problems.append("register tokens")
-    if getattr(model, "no_embed_class", False):
-        problems.append("no_embed_class (DeiT-3 style)")
-    if not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity):
-        problems.append("LayerScale")
-    if not isinstance(getattr(block.attn, "q_norm", nn.Identity()), nn.Identity):
-        problems.append("qk_norm")
-    if not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity):
-        problems.append("fc_norm")
+    problems = unsupported_features(model)
     if problems:
-        raise ValueError(f"{name} uses {', '.join(problems)}, which PrunableViT does not support; "
-                         f"supported: DeiT / ViT with class token and learned position embedding")
+        raise ValueError(f"{type(model).__name__} uses {'; '.join(problems)}, which PrunableViT does not "
+                         f"reproduce (supported: {SUPPORTED})")
+
+
+SUPPORTED = ("timm VisionTransformer / DeiT with class, distillation or register tokens, learned position "
+             "embedding, token or avg/max pooling, fc_norm, LayerScale, pre_norm, qk_norm, LayerNorm, GELU MLP")
+
+
+def unsupported_features(model: nn.Module) -> list[str]:
+    """The features of a timm model that PrunableViT cannot reproduce exactly (empty: supported)."""
+    from timm.layers import Attention as TimmAttention
+    from timm.layers import LayerScale as TimmLayerScale
+    from timm.layers import Mlp as TimmMlp
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+    from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import VisionTransformer
+
+    problems = []
+    blocks = list(getattr(model, "blocks", []))
+    if getattr(model, "rope", None) is not None or any(getattr(b.attn, "rope", None) is not None
+                                                        for b in blocks if hasattr(b, "attn")):
+        problems.append("rotary position embeddings (rope)")
+    if getattr(model, "attn_pool", None) is not None:
+        problems.append(f"attention pooling (global_pool='{model.global_pool}')")
+    if any(getattr(b, "window_size", 0) for b in blocks):
+        problems.append("windowed attention")
+    if any(_is_swiglu(getattr(b, "mlp", None)) for b in blocks):
+        problems.append("SwiGLU MLP")
+    if problems or not isinstance(model, VisionTransformer) or not blocks:
+        return problems or [f"model class {type(model).__name__} (not a timm VisionTransformer)"]
+    pool = getattr(model, "global_pool", "token")
+    if pool not in POOLS:
+        problems.append(f"global_pool='{pool}'")
+    for flag, what in (("pool_include_prefix", "pool_include_prefix=True"),
+                       ("dynamic_img_size", "dynamic_img_size=True")):
+        if getattr(model, flag, False):
+            problems.append(what)
+    if model.pos_embed is None:
+        problems.append("no position embedding (pos_embed='none')")
+    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        problems.append("patch dropout")
+    pe = model.patch_embed
+    if type(pe) is not TimmPatchEmbed or not isinstance(pe.norm, nn.Identity) or pe.dynamic_img_pad:
+        problems.append("a patch embedding other than timm's plain PatchEmbed")
+    elif len(set(pe.img_size)) > 1 or len(set(pe.patch_size)) > 1:
+        problems.append("non-square images or patches")
+    elif (pe.proj.bias is None) != (not isinstance(model.norm_pre, nn.Identity)):
+        problems.append("a patch embedding bias that does not follow pre_norm")
+    if isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity):
+        problems.append("final_norm=False")
+    if getattr(model, "dist_token", None) is not None and model.reg_token is not None:
+        problems.append("a distillation token with register tokens")
+    for i, b in enumerate(blocks):
+        block_problems = []
+        if type(b) is not TimmBlock:
+            block_problems.append(f"block type {type(b).__name__}")
+        elif type(b.attn) is not TimmAttention:
+            block_problems.append(f"attention type {type(b.attn).__name__}")
+        elif type(b.mlp) is not TimmMlp:
+            block_problems.append(f"MLP type {type(b.mlp).__name__}")
+        else:
+            a, m = b.attn, b.mlp
+            if not isinstance(a.norm, nn.Identity):
+                block_problems.append("scale_attn_norm")
+            if getattr(a, "gate", None) is not None:
+                block_problems.append("gated attention")
+            if a.proj.bias is None or m.fc1.bias is None or m.fc2.bias is None:
+                block_problems.append("proj_bias=False")
+            if not isinstance(m.norm, nn.Identity):
+                block_problems.append("scale_mlp_norm")
+            if type(m.act) is not nn.GELU or m.act.approximate != "none":
+                block_problems.append(f"activation {m.act}")
+            if any(not isinstance(ls, nn.Identity | TimmLayerScale) for ls in (b.ls1, b.ls2)):
+                block_problems.append("a LayerScale other than timm's")
+            if isinstance(b.ls1, nn.Identity) != isinstance(blocks[0].ls1, nn.Identity):
+                block_problems.append("LayerScale in some blocks only")
+        if block_problems:  # every block is built alike: naming the first one's is enough
+            problems += [f"{p} (blocks.{i})" for p in block_problems]
+            break
+    problems += _norm_problems(model)
+    return problems
+
+
+def _is_swiglu(mlp: nn.Module | None) -> bool:
+    return mlp is not None and ("SwiGLU" in type(mlp).__name__ or "GluMlp" in type(mlp).__name__)
+
+
+def _norm_problems(model: nn.Module) -> list[str]:
+    """PrunableViT's norms are LayerNorms with a weight and a bias and one eps for the whole model."""
+    norms = [model.norm_pre, model.norm, model.fc_norm]
+    for b in model.blocks:
+        norms += [b.norm1, b.norm2, getattr(b.attn, "q_norm", nn.Identity()), getattr(b.attn, "k_norm", nn.Identity())]
+    norms = [n for n in norms if not isinstance(n, nn.Identity)]
+    kinds = sorted({type(n).__name__ for n in norms if not isinstance(n, nn.LayerNorm)})
+    if kinds:
+        return [f"norm layer {', '.join(kinds)}"]
+    if any(n.weight is None or n.bias is None for n in norms):
+        return ["LayerNorm without weight or bias"]
+    if len({n.eps for n in norms}) > 1:
+        return [f"several LayerNorm eps ({sorted({n.eps for n in norms})})"]
+    return []

@@ -74,9 +74,10 @@ class ViTDims:
         return linear + attention
 
     def macs(self, num_classes: int = 1000, patch_size: int = 16, in_chans: int = 3,
-             num_patches: int = 196, distilled: bool = False) -> int:
-        """Multiply-accumulates per image (the 'FLOPs' of DeiT/NViT tables, e.g. 17.6G for DeiT-B)."""
-        tokens = num_patches + (2 if distilled else 1)
+             num_patches: int = 196, distilled: bool = False, prefix_tokens: int | None = None) -> int:
+        """Multiply-accumulates per image (the 'FLOPs' of DeiT/NViT tables, e.g. 17.6G for DeiT-B);
+        `prefix_tokens` (class, distillation, register tokens) defaults to DeiT's 1 or 2."""
+        tokens = num_patches + (prefix_tokens if prefix_tokens is not None else 2 if distilled else 1)
         total = num_patches * in_chans * patch_size * patch_size * self.emb
         total += sum(self.block_macs(i, tokens) for i in range(self.depth))
         total += (2 if distilled else 1) * self.emb * num_classes

@@ -14,11 +14,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..models import EMB, LayerKey
+from ..models import DEFAULT_DIVISORS, EMB, LayerKey
 from .groups import Structure
 
-# NViT's per-kind divisors: s_u is divided by c_kind before squaring, making kinds comparable
-DEFAULT_DIVISORS = {"emb": 12.0, "head": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
+# NViT's per-kind divisors (models/structure.py): s_u is divided by c_kind before squaring, making kinds comparable
 
 
 class Criterion(ABC):

@@ -13,10 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..models import EMB, KINDS, LayerKey, ParamAxes, PrunableViT, ViTDims, mask_names, param_axes
-
-# NViT's defaults: units per group, chosen so surviving widths stay hardware friendly
-DEFAULT_GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
+from ..models import DEFAULT_GROUP_SIZES, EMB, KINDS, LayerKey, ParamAxes, PrunableViT, ViTDims, mask_names, param_axes
 
 
 @dataclass

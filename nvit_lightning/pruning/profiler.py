@@ -3,7 +3,7 @@
     python -m nvit_lightning.pruning.profiler profile --preset deit_tiny --batch-size 32 \\
         --device cpu --dtype float32 --out data/latency/deit_tiny_cpu_b32.json
     python -m nvit_lightning.pruning.profiler check --table data/latency/deit_tiny_cpu_b32.json \\
-        --dims outputs/pruned/dims.json
+        --dims outputs/pruned/model
 
 Blocks are timed where they run: inside a mask-free `PrunableViT` whose `stack` blocks all have the
 grid point's dims, under `torch.inference_mode()` with a fixed thread count (recorded in the table's
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models.dims import ViTDims
-from ..models.vit import CONFIG_FILE, WEIGHTS_FILE, Block, PrunableViT
+from ..models.vit import CONFIG_FILE, LEGACY_CONFIG_FILE, WEIGHTS_FILE, Block, PrunableViT, read_model_args
 from ..timing import measure_ms, steady_malloc
 from .latency import AXES, CorruptTableError, LookupTableLatency
 
@@ -235,13 +235,14 @@ def load_arch(path: str | Path) -> tuple[ViTDims, dict]:
     plain ViTDims json. A masked checkpoint is reduced to its live dims (what `compact()` keeps)."""
     path = Path(path)
     if path.is_dir():
-        path = path / CONFIG_FILE
+        path = path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else path / LEGACY_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"dims file {path} not found")
     data = json.loads(path.read_text())
-    if "dims" not in data:  # a plain ViTDims json
+    if "dims" not in data and "model_args" not in data:  # a plain ViTDims json
         return ViTDims.from_dict(data), {}
-    config = {k: v for k, v in data.items() if k not in ("architecture", "attn_scale_dims")}
+    data = read_model_args(path)  # config.json (timm's format) or the older dims.json
+    config = {k: v for k, v in data.items() if k not in ("architecture", "attn_scale_dims", "pretrained_cfg")}
     dims = ViTDims.from_dict(config.pop("dims"))
     if config.pop("masked", False) and (path.parent / WEIGHTS_FILE).is_file():
         dims = PrunableViT.from_pretrained(path.parent).live_dims()
@@ -314,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="predicted vs measured latency of a compact model")
     c.add_argument("--table", required=True)
     c.add_argument("--dims", required=True,
-                   help="dims.json / directory from PrunableViT.save_pretrained, or a ViTDims json")
+                   help="a PrunableViT.save_pretrained directory (or its config.json / older dims.json), "
+                        "or a ViTDims json")
     c.add_argument("--device", help="default: the table's device type")
     c.add_argument("--warmup", type=int, default=3)
     c.add_argument("--repeats", type=int, default=10)

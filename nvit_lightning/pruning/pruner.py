@@ -22,7 +22,8 @@ from .criteria import Criterion, build_criterion
 from .groups import Structure
 from .latency import LatencyModel, block_rows, dims_from_block_rows
 
-_KIND_COLUMN = {"emb": 0, "head": 1, "qk": 2, "v": 3, "mlp": 4}  # columns of a latency-model row
+# columns of a latency-model row (ViTDims.block): the kinds in their declared order (models/structure.py)
+_KIND_COLUMN = {kind: column for column, kind in enumerate(KINDS)}
 
 
 # how groups are ordered: "penalty" = NViT's saliency − η·ΔLat (η dimensionless: relative to the mean

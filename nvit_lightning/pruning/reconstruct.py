@@ -76,34 +76,28 @@ class _NormalEquations:
         return torch.linalg.solve(lhs, self.xty)  # in+1, out
 
 
-def _live(mask: Tensor | None, size: int, device: torch.device) -> Tensor:
-    return torch.arange(size, device=device) if mask is None else mask.nonzero().flatten()
-
-
-def _outer_live(outer: Tensor | None, inner: Tensor | None, n_outer: int, n_inner: int,
-                device: torch.device) -> Tensor:
-    """Flat indices of the live (outer, inner) pairs of a (n_outer * n_inner) axis, e.g. (head, v)."""
-    o = torch.ones(n_outer, device=device) if outer is None else outer
-    i = torch.ones(n_inner, device=device) if inner is None else inner
-    return (o[:, None] * i[None, :]).flatten().nonzero().flatten()
-
-
 class _Refit:
     """One linear layer's refit: accumulate (input, target) over batches, then solve and write the
-    live block of its weight and bias."""
+    live block of its weight and bias. With `scale` (a LayerScale gain after the layer) the fit is
+    of the scaled output `scale ⊙ (x W + b)`, in residual-stream units, and the solution is divided
+    back; rows whose gain is zero contribute nothing and are left alone."""
 
-    def __init__(self, name: str, linear: nn.Linear, rows: Tensor, cols: Tensor) -> None:
+    def __init__(self, name: str, linear: nn.Linear, rows: Tensor, cols: Tensor, scale: Tensor | None = None) -> None:
+        if scale is not None:
+            rows = rows[scale[rows] != 0]
         self.name, self.linear, self.rows, self.cols = name, linear, rows, cols
+        self.scale = None if scale is None else scale.detach()[rows].double()
         self.equations = _NormalEquations(len(cols), len(rows), linear.weight.device)
 
     def add(self, x: Tensor, y: Tensor) -> None:
-        """x: the layer's full input (..., in); y: the wanted full output (..., out)."""
+        """x: the layer's full input (..., in); y: the wanted full (scaled) output (..., out)."""
         self.equations.add(x[..., self.cols], y[..., self.rows])
 
     def current(self) -> Tensor:
         w = self.linear.weight[self.rows][:, self.cols].T  # in, out
         b = self.linear.bias[self.rows] if self.linear.bias is not None else torch.zeros_like(w[0])
-        return torch.cat([w, b[None]], 0)
+        wb = torch.cat([w, b[None]], 0).double()
+        return wb if self.scale is None else wb * self.scale
 
     def apply(self, damping: float) -> FitResult:
         before = self.equations.error(self.current())
@@ -111,6 +105,8 @@ class _Refit:
         after = self.equations.error(solution)
         if not after < before:  # the ridge never makes it worse on the fit data; keep the old weights
             return FitResult(self.name, before, before)
+        if self.scale is not None:
+            solution = solution / self.scale
         weight = self.linear.weight
         rows, cols = self.rows[:, None], self.cols[None, :]
         weight[rows, cols] = solution[:-1].T.to(weight.dtype)
@@ -126,6 +122,8 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
     """Refit `layers` of the masked `model` block by block so that it reproduces `reference` (the
     model before pruning, same weights layout) on `images` (tensors, or (images, labels) batches).
 
+    Each block's plan is its `branches()`: per residual branch, the layers reading the normed stream
+    (`qkv` / `fc1`), then the one writing into it (`proj` / `fc2`, through LayerScale if any).
     Returns the relative error of every refit layer before and after its refit.
     """
     _check_options(layers, target, damping)
@@ -138,53 +136,34 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
     if not batches:
         raise ValueError("reconstruct needs at least one calibration batch")
     emb_mask, ref_mask = model.emb_mask, reference.emb_mask_or_none
-    emb = _live(emb_mask, model.dims.emb, device)
+    emb = model.emb_mask.nonzero().flatten()
     ours = [model.embed(x.float()) for x in batches]  # the pruned model's residual stream
     theirs = [reference.embed(x.float()) for x in batches]  # the reference model's
     results: list[FitResult] = []
     for i, (block, ref) in enumerate(tqdm(list(zip(model.blocks, reference.blocks)), desc="reconstruct",
                                           leave=False, disable=not progress)):
-        a, ra = block.attn, ref.attn
-        # ---- attention: q, k, v (read the stream), then proj (writes it) ----------------------------
-        normed = [block.norm1(x, emb_mask) for x in ours]
-        if "qkv" in layers:
-            qk_rows = _outer_live(a.head_mask, a.qk_mask, a.num_heads, a.qk_dim, device)
-            v_rows = _outer_live(a.head_mask, a.v_mask, a.num_heads, a.v_dim, device)
-            fits = [_Refit(f"blocks.{i}.attn.{n}", getattr(a, n), r, emb)
-                    for n, r in (("q", qk_rows), ("k", qk_rows), ("v", v_rows))]
-            ref_in = [ref.norm1(x, ref_mask) for x in theirs] if target == "reference" else normed
-            for h, h_ref in zip(normed, ref_in):
-                for fit, ref_linear in zip(fits, (ra.q, ra.k, ra.v)):
-                    fit.add(h, ref_linear(h_ref))
-            results += [fit.apply(damping) for fit in fits]
-        heads_out = [a.attend(h) for h in normed]  # B, N, heads * v
-        attn_ref = [ra(ref.norm1(x, ref_mask)) for x in theirs]
-        if "proj" in layers:
-            cols = _outer_live(a.head_mask, a.v_mask, a.num_heads, a.v_dim, device)
-            fit = _Refit(f"blocks.{i}.attn.proj", a.proj, emb, cols)
-            for x, o, x_ref, r in zip(ours, heads_out, theirs, attn_ref):
-                fit.add(o, x_ref + r - x if target == "reference" else ra(ref.norm1(x, ref_mask)))
-            results.append(fit.apply(damping))
-        ours = [_masked(x + a.proj(o), emb_mask) for x, o in zip(ours, heads_out)]
-        theirs = [_masked(x + r, ref_mask) for x, r in zip(theirs, attn_ref)]
-        # ---- MLP: fc1 (reads the stream), then fc2 (writes it) -----------------------------------------
-        m, rm = block.mlp, ref.mlp
-        normed = [block.norm2(x, emb_mask) for x in ours]
-        if "fc1" in layers:
-            fit = _Refit(f"blocks.{i}.mlp.fc1", m.fc1, _live(m.mask, m.fc1.out_features, device), emb)
-            ref_in = [ref.norm2(x, ref_mask) for x in theirs] if target == "reference" else normed
-            for h, h_ref in zip(normed, ref_in):
-                fit.add(h, rm.fc1(h_ref))
-            results.append(fit.apply(damping))
-        hidden = [m.hidden(h) for h in normed]  # B, N, mlp
-        mlp_ref = [rm(ref.norm2(x, ref_mask)) for x in theirs]
-        if "fc2" in layers:
-            fit = _Refit(f"blocks.{i}.mlp.fc2", m.fc2, emb, _live(m.mask, m.fc2.in_features, device))
-            for x, hd, x_ref, r in zip(ours, hidden, theirs, mlp_ref):
-                fit.add(hd, x_ref + r - x if target == "reference" else rm(ref.norm2(x, ref_mask)))
-            results.append(fit.apply(damping))
-        ours = [_masked(x + m.fc2(hd), emb_mask) for x, hd in zip(ours, hidden)]
-        theirs = [_masked(x + r, ref_mask) for x, r in zip(theirs, mlp_ref)]
+        for branch, ref_branch in zip(block.branches(), ref.branches()):
+            name = f"blocks.{i}.{branch.name}"
+            normed = [branch.norm(x, emb_mask) for x in ours]
+            if branch.reader_option in layers:  # q, k, v / fc1: the reference's projections of its stream
+                ref_readers = ref_branch.mixer.readers()
+                fits = {n: _Refit(f"{name}.{n}", linear, rows, emb)
+                        for n, (linear, rows) in branch.mixer.readers().items()}
+                ref_in = [ref_branch.norm(x, ref_mask) for x in theirs] if target == "reference" else normed
+                for h, h_ref in zip(normed, ref_in):
+                    for n, fit in fits.items():
+                        fit.add(h, ref_readers[n][0](h_ref))
+                results += [fit.apply(damping) for fit in fits.values()]
+            inner = [branch.mixer.inner(h) for h in normed]  # heads' outputs / hidden activations
+            ref_out = [ref_branch(x, ref_mask) for x in theirs]
+            if branch.writer_option in layers:  # proj / fc2: what the branch should add to the stream
+                writer, cols = branch.mixer.writer()
+                fit = _Refit(f"{name}.{branch.writer_option}", writer, emb, cols, branch.scale)
+                for x, o, x_ref, r in zip(ours, inner, theirs, ref_out):
+                    fit.add(o, x_ref + r - x if target == "reference" else ref_branch(x, ref_mask))
+                results.append(fit.apply(damping))
+            ours = [x + branch.write(o, emb_mask) for x, o in zip(ours, inner)]
+            theirs = [x + r for x, r in zip(theirs, ref_out)]
     return results
 
 
@@ -201,10 +180,6 @@ def _check_options(layers: Sequence[str], target: str, damping: float) -> None:
         raise ValueError(f"reconstruction.target must be one of {TARGETS}, got {target!r}")
     if not damping > 0:
         raise ValueError(f"reconstruction.damping must be > 0, got {damping}")
-
-
-def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x if mask is None else x * mask
 
 
 @dataclass(frozen=True)
