@@ -291,3 +291,65 @@ def test_datamodule_drives_a_lightning_trainer():
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(model, dm)
         assert trainer.global_step == 3 and model.val_batches == val_batches
+
+
+# ---- CIFAR-10 split, data root, class names ------------------------------------------------------
+def write_class_tar(path: Path, classes: dict[str, int]) -> Path:
+    """An uncompressed tar of `<class>/<NNNN>.jpg` members, as the bundled CIFAR-10 tar."""
+    import tarfile
+
+    src = path.parent / "members"
+    with tarfile.open(path, "w") as tar:
+        for name, count in classes.items():
+            for i in range(count):
+                write_jpeg(src / name / f"{i:04d}.jpg", size=(8, 8))
+                tar.add(src / name / f"{i:04d}.jpg", arcname=f"{name}/{i:04d}.jpg")
+    return path
+
+
+def test_cifar10_tar_split_is_disjoint_interleaved_and_seedless(tmp_path):
+    tar = write_class_tar(tmp_path / "c.tar", {"b": 5, "a": 5, "c": 6})
+    train = Cifar10Tar(tar, split="train", holdout_per_class=2)
+    test = Cifar10Tar(tar, split="test", holdout_per_class=2)
+    assert [s[0] for s in test.samples] == ["a/0003.jpg", "a/0004.jpg", "b/0003.jpg", "b/0004.jpg",
+                                           "c/0004.jpg", "c/0005.jpg"]  # the last 2 of each class
+    assert train.targets == [0, 1, 2] * 3 + [2]  # image k of every class, then image k + 1
+    assert not {s[0] for s in train.samples} & {s[0] for s in test.samples}
+    assert len(train) + len(test) == len(Cifar10Tar(tar)) == 16
+    assert train.classes == test.classes == ["a", "b", "c"]
+    assert train[9][1] == 2 and train[9][0].shape == (3, 8, 8)  # reads the member it names
+    with pytest.raises(ValueError, match=r"split must be one of \('all', 'train', 'test'\), got 'val'"):
+        Cifar10Tar(tar, split="val")
+    for holdout in (0, 5):  # the smallest class has 5 images: at least one must stay to train on
+        with pytest.raises(ValueError, match=rf"holdout_per_class must be between 1 and 4 .* got {holdout}"):
+            Cifar10Tar(tar, split="test", holdout_per_class=holdout)
+
+
+def test_datamodule_root_resolves_relative_spec_paths(tmp_path):
+    write_jpeg(tmp_path / "data" / "train" / "x" / "a.jpg")
+    write_jpeg(tmp_path / "data" / "val" / "x" / "b.jpg")
+    dm = ViTDataModule(train={"kind": "folder", "root": "train"}, val={"kind": "folder", "root": "val"},
+                       root=str(tmp_path / "data"), img_size=16)
+    assert dm.train_spec["root"] == str(tmp_path / "data" / "train")
+    elsewhere = tmp_path / "elsewhere"
+    write_jpeg(elsewhere / "x" / "c.jpg")
+    dm = ViTDataModule(val={"kind": "folder", "root": str(elsewhere)}, root=str(tmp_path / "data"), img_size=16)
+    assert dm.val_spec["root"] == str(elsewhere)  # absolute: data.root does not apply
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "data" / "nope")):
+        ViTDataModule(val={"kind": "folder", "root": "nope"}, root=str(tmp_path / "data"))
+
+
+def test_datamodule_classes_must_agree_between_train_and_val(tmp_path):
+    for split, names in (("train", "xyz"), ("val", "xz")):
+        for name in names:
+            write_jpeg(tmp_path / split / name / "a.jpg")
+    dm = ViTDataModule(train={"kind": "folder", "root": str(tmp_path / "train")},
+                       val={"kind": "folder", "root": str(tmp_path / "val")}, img_size=16, train_limit=1)
+    dm.setup()
+    with pytest.raises(ValueError, match=r"name different classes \(3 vs 2, differing: \['y'\]\)"):
+        dm.classes()
+    only_train = ViTDataModule(train={"kind": "folder", "root": str(tmp_path / "train")}, val=synthetic(4),
+                               img_size=16, train_limit=1)
+    only_train.setup()
+    assert only_train.classes() == ["x", "y", "z"]  # through the train_limit Subset; synthetic names none
+    assert ViTDataModule(val=synthetic(4), img_size=16).classes() is None

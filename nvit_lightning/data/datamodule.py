@@ -38,6 +38,8 @@ DATASET_KINDS: dict[str, type[Dataset]] = {
 }
 # spec keys that differ from the constructor argument they feed
 _KEY_ALIASES = {"path": "tar_path"}
+# spec keys that name files or folders: relative ones are resolved against the datamodule's `root`
+_PATH_KEYS = ("root", "path", "tar_path", "synsets_file")
 
 
 def _spec_kwargs(spec: Mapping[str, Any]) -> tuple[type[Dataset], dict[str, Any]]:
@@ -97,10 +99,21 @@ def first_n(dataset: Dataset, n: int | None) -> Dataset:
     return Subset(dataset, range(n))
 
 
-def num_labels(dataset: Dataset) -> int | None:
-    """Largest label + 1 of a dataset that lists its labels (`targets`, or `samples` of (..., label))."""
+def _unwrap(dataset: Dataset) -> Dataset:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
+    return dataset
+
+
+def class_names(dataset: Dataset) -> list[str] | None:
+    """The `classes` a dataset names (label i is `classes[i]`), or None."""
+    classes = getattr(_unwrap(dataset), "classes", None)
+    return list(classes) if classes is not None else None
+
+
+def num_labels(dataset: Dataset) -> int | None:
+    """Largest label + 1 of a dataset that lists its labels (`targets`, or `samples` of (..., label))."""
+    dataset = _unwrap(dataset)
     labels = getattr(dataset, "targets", None)
     if labels is None and hasattr(dataset, "samples"):
         labels = [sample[-1] for sample in dataset.samples]
@@ -133,7 +146,9 @@ class ViTDataModule(L.LightningDataModule):
 
     ``train`` and ``val`` are dataset specs (see :func:`build_dataset`), e.g.
     ``{"kind": "image_list", "root": "data/imagenet_val_subset_acuity1300", "list_file": "dataset.txt"}``.
-    Paths are checked here, so a wrong data root fails before any model is built. ``train_limit`` /
+    Paths are checked here, so a wrong data root fails before any model is built. ``root``, when
+    given, is the folder that relative dataset paths are under (``data=folder data.root=/my/data``
+    reads ``/my/data/train`` and ``/my/data/val``); absolute paths ignore it. ``train_limit`` /
     ``val_limit`` keep the first N samples: note that on a class-sorted folder that means few classes.
     """
 
@@ -141,6 +156,7 @@ class ViTDataModule(L.LightningDataModule):
         self,
         train: Mapping[str, Any] | None = None,
         val: Mapping[str, Any] | None = None,
+        root: str | None = None,
         batch_size: int = 64,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -167,8 +183,8 @@ class ViTDataModule(L.LightningDataModule):
         # synthetic train and val sets get different default seeds so they are not the same images
         self.img_size = img_size
         self.strict = strict  # unreadable images: stop naming the file (True) or skip with a warning
-        self.train_spec = self._with_defaults(train, img_size, seed)
-        self.val_spec = self._with_defaults(val, img_size, seed + 1)
+        self.train_spec = self._with_defaults(train, img_size, seed, root)
+        self.val_spec = self._with_defaults(val, img_size, seed + 1, root)
         for spec in (self.train_spec, self.val_spec):
             if spec is not None:
                 check_spec(spec)
@@ -189,10 +205,13 @@ class ViTDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
 
     @staticmethod
-    def _with_defaults(spec: Mapping[str, Any] | None, img_size: int, seed: int) -> dict | None:
+    def _with_defaults(spec: Mapping[str, Any] | None, img_size: int, seed: int, root: str | None) -> dict | None:
         if spec is None:
             return None
         spec = dict(spec)
+        for key in _PATH_KEYS if root is not None else ():
+            if spec.get(key) is not None:
+                spec[key] = str(Path(root).expanduser() / spec[key])  # an absolute spec path wins
         if spec.get("kind") == "synthetic":
             spec.setdefault("img_size", img_size)
             spec.setdefault("seed", seed)
@@ -215,6 +234,23 @@ class ViTDataModule(L.LightningDataModule):
         counts = [num_labels(d) for d in (self.train_set, self.val_set) if d is not None]
         counts = [c for c in counts if c is not None]
         return max(counts) if counts else None
+
+    def classes(self) -> list[str] | None:
+        """The class names (after `setup`) of datasets that name their classes: class folders, the
+        CIFAR-10 tar, the ImageNet sample's synsets; None for label lists and synthetic images.
+
+        Each dataset's label is the index of a name in its own list, so a train and a val set that
+        name different classes (a class folder missing from val/) would disagree on every label after
+        it: that is refused here.
+        """
+        named = {name: class_names(d) for name, d in (("train", self.train_set), ("val", self.val_set))
+                 if d is not None and class_names(d) is not None}
+        if len(named) == 2 and named["train"] != named["val"]:
+            only = sorted(set(named["train"]) ^ set(named["val"]))
+            raise ValueError(f"data.train and data.val name different classes ({len(named['train'])} vs "
+                             f"{len(named['val'])}, differing: {only[:5]}): labels follow the sorted class "
+                             f"names, so both need the same class folders")
+        return next(iter(named.values()), None)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

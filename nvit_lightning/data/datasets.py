@@ -185,16 +185,28 @@ class ImageNetFolders(ImageFolder, SkipsUnreadable):
     __getitem__ = SkipsUnreadable.__getitem__
 
 
+CIFAR10_SPLITS = ("all", "train", "test")
+
+
 class Cifar10Tar(SkipsUnreadable):
     """CIFAR-10 JPEGs in one uncompressed tar, ``<class>/<NNNN>.jpg``; labels = sorted class folders.
+
+    ``split`` divides the tar deterministically and disjointly, with no seed: ``test`` holds the last
+    ``holdout_per_class`` images of every class (by file name), ``train`` the others, interleaved class
+    by class (image k of each class, then image k + 1), so its first N images (``data.train_limit``)
+    cover the classes evenly; ``all`` keeps every image in name order. The bundled tar is CIFAR-10's
+    test set, whose per-class order is already random, so the last images by name are a random sample.
 
     The member offsets are indexed once; images are read with ``os.pread`` from a file opened lazily
     in each process, so the dataset pickles for spawn workers and forked workers share no file offset.
     """
 
-    def __init__(self, tar_path: PathLike, transform: Transform | None = None) -> None:
+    def __init__(self, tar_path: PathLike, transform: Transform | None = None, split: str = "all",
+                 holdout_per_class: int = 200) -> None:
+        if split not in CIFAR10_SPLITS:
+            raise ValueError(f"Cifar10Tar split must be one of {CIFAR10_SPLITS}, got {split!r}")
         self.tar_path = require_path(tar_path, "CIFAR-10 tar")
-        self.transform = transform
+        self.transform, self.split = transform, split
         with tarfile.open(self.tar_path) as tar:
             members = sorted((m.name, m.offset_data, m.size) for m in tar.getmembers()
                              if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES)
@@ -202,8 +214,9 @@ class Cifar10Tar(SkipsUnreadable):
             raise ValueError(f"no images in {self.tar_path}")
         self.classes = sorted({Path(name).parts[0] for name, _, _ in members})
         index = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [(offset, size, index[Path(name).parts[0]]) for name, offset, size in members]
-        self.targets = [label for _, _, label in self.samples]
+        samples = [(name, offset, size, index[Path(name).parts[0]]) for name, offset, size in members]
+        self.samples = samples if split == "all" else _split_by_class(samples, split, holdout_per_class)
+        self.targets = [label for *_, label in self.samples]
         self._file: io.BufferedReader | None = None
 
     def __getstate__(self) -> dict:
@@ -217,11 +230,27 @@ class Cifar10Tar(SkipsUnreadable):
     def _read(self, i: int) -> tuple[Image.Image, int]:
         if self._file is None:
             self._file = open(self.tar_path, "rb")  # noqa: SIM115 (kept open for the dataset's life)
-        offset, size, label = self.samples[i]
+        _, offset, size, label = self.samples[i]
         return _load_rgb(io.BytesIO(os.pread(self._file.fileno(), size, offset))), label
 
     def _source(self, i: int) -> str:
-        return f"{self.tar_path} (member {i})"
+        return f"{self.tar_path} member {self.samples[i][0]}"
+
+
+def _split_by_class(samples: list[tuple], split: str, holdout_per_class: int) -> list[tuple]:
+    """`Cifar10Tar`'s split of name-ordered (..., label) samples: per class the last `holdout_per_class`
+    (test) or the others, interleaved class by class (train)."""
+    by_class: dict[int, list[tuple]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[-1], []).append(sample)
+    smallest = min(len(group) for group in by_class.values())
+    if not 0 < holdout_per_class < smallest:
+        raise ValueError(f"holdout_per_class must be between 1 and {smallest - 1} (the smallest class has "
+                         f"{smallest} images), got {holdout_per_class}")
+    if split == "test":
+        return [s for label in sorted(by_class) for s in by_class[label][-holdout_per_class:]]
+    kept = [by_class[label][:-holdout_per_class] for label in sorted(by_class)]
+    return [group[k] for k in range(max(map(len, kept))) for group in kept if k < len(group)]
 
 
 class SyntheticImages(Dataset):
