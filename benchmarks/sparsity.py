@@ -2,12 +2,15 @@
 
     python benchmarks/sparsity.py --out benchmarks/results/sparsity
     python benchmarks/sparsity.py --nvit-model outputs/prune/<run>/model   # + NViT compact model, then oViT
+    python benchmarks/sparsity.py --out benchmarks/results/sparsity_reconstruction \
+        --methods "oViT + block distillation" "oViT 2:4 + block distillation"   # + reconstruction
 
 Every method runs exactly as `python prune.py pruner=<method>` does (the same configs and code path):
 the Fisher from per-sample gradients on the 1000-image ImageNet sample (eval transform), sparsity over
 the block linears (q, k, v, proj, fc1, fc2), one model per level; top-1 on the 1300 validation images,
 which calibration never sees. The damping of each second-order method is its config default, chosen
-on held-out sample images (README).
+on held-out sample images (README). A "+ block distillation" run (`reconstruction=block_distill`)
+also reports each level before its reconstruction (the same oViT model, same run) as "<method>, alone".
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from nvit_lightning.app import setup_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = "[0.5,0.6,0.7,0.8]"
+# block distillation of each sparse model, zeros held (docs/sparsity_reconstruction.md for the settings)
+DISTILL = ["reconstruction=block_distill"]
 RUNS = {  # name: prune.py overrides
     "oViT": ["pruner=ovit", f"pruner.sparsities={LEVELS}"],
     "WoodFisher": ["pruner=woodfisher", f"pruner.sparsities={LEVELS}"],
@@ -30,6 +35,8 @@ RUNS = {  # name: prune.py overrides
     "oViT 2:4": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null"],
     "WoodFisher 2:4": ["pruner=woodfisher", "pruner.pattern=2:4", "pruner.sparsities=null"],
     "magnitude 2:4": ["pruner=global_magnitude", "pruner.pattern=2:4", "pruner.sparsities=null"],
+    "oViT + block distillation": ["pruner=ovit", f"pruner.sparsities={LEVELS}", *DISTILL],
+    "oViT 2:4 + block distillation": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null", *DISTILL],
 }
 
 
@@ -50,24 +57,46 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/nvit_sparsity"), help="where the models go")
     parser.add_argument("--methods", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--nvit-model", type=Path, help="a prune.py model/ dir: also sparsify it to 50 %% by oViT")
+    parser.add_argument("--levels", help="sparsities of the unstructured runs, e.g. [0.5,0.7] (default: all four)")
+    parser.add_argument("--overrides", nargs="*", default=[], help="more prune.py overrides for every run, e.g. "
+                        "reconstruction.distillation.epochs=4")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out's sparsity.json")
     args = parser.parse_args()
     setup_environment()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    saved = args.out / "sparsity.json"
+    results = json.loads(saved.read_text()) if args.append and saved.is_file() else {}
     for name in args.methods:
-        report = run(RUNS[name], args.work / name.replace(" ", "_").replace(":", "of"))
-        results[name] = {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
-                         "levels": {f"{e['sparsity']:.2f}": e["top1"] for e in report["sparse"]}}
-        print(name, json.dumps(results[name]), flush=True)
+        overrides = [f"pruner.sparsities={args.levels}" if o.startswith("pruner.sparsities=[") and args.levels else o
+                     for o in RUNS[name]]
+        results.update(rows(name, run([*overrides, *args.overrides],
+                                      args.work / name.replace(" ", "_").replace(":", "of"))))
     if args.nvit_model:
+        distill = any("distillation" in name for name in args.methods)
+        name = "NViT compact + oViT 50 %" + (" + block distillation" if distill else "")
         report = run(["pruner=ovit", "pruner.sparsities=[0.5]", "model=from_dir",
-                      f"model.pretrained_dir={args.nvit_model}"], args.work / "nvit_ovit")
-        results["NViT compact + oViT 50 %"] = {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
-                                              "levels": {"0.50": report["sparse"][0]["top1"]}}
-    (args.out / "sparsity.json").write_text(json.dumps(results, indent=2))
+                      f"model.pretrained_dir={args.nvit_model}", *(DISTILL if distill else []), *args.overrides],
+                     args.work / "nvit_ovit")
+        results.update(rows(name, report))
+    saved.write_text(json.dumps(results, indent=2))
     (args.out / "sparsity.md").write_text(table(results))
     plot(results, args.out / "sparsity.png")
     print(table(results))
+
+
+def rows(name: str, report: dict) -> dict[str, dict]:
+    """The benchmark row(s) of one run: its models, and, after a reconstruction, the same run's models
+    before it (the wall time then covers both)."""
+    out = {name: {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
+                  "levels": {f"{e['sparsity']:.2f}": e["top1"] for e in report["sparse"]}}}
+    if all("before_reconstruction" in e for e in report["sparse"]):
+        out[name]["distill_seconds"] = {f"{e['sparsity']:.2f}": e["distillation"]["seconds"] for e in report["sparse"]}
+        alone = name.replace(" + block distillation", "") + ", alone"
+        out[alone] = {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
+                      "levels": {f"{e['sparsity']:.2f}": e["before_reconstruction"]["top1"] for e in report["sparse"]}}
+    for key, row in out.items():
+        print(key, json.dumps(row), flush=True)
+    return out
 
 
 def table(results: dict) -> str:

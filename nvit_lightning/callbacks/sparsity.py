@@ -13,7 +13,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..pruning.block_distill import BlockDistillation
 from ..sparsity import Sparsifier
+from ..sparsity.distill import distill_sparse
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +27,22 @@ class SparsitySweep(L.Callback):
     `steps_per_level` optimizer steps with its zeros fixed (gradients masked before every step,
     weights re-masked after it, so neither momentum nor weight decay revives them), saved to
     `save_dir/sparsity_<s>` and, with a checkpoint, used as the starting point of the next level.
-    The sparsifier runs on rank 0 and its weights are broadcast, so every DDP rank holds the same
-    masks. Level, masks and saved models live in the checkpoint: a resumed run continues mid-sweep.
+    With `distillation`, each level's sparse model is first block-distilled towards `reference` (the
+    dense model) on `distill_batches`, its zeros held (`sparsity/distill.py`), then fine-tuned.
+    The sparsifier (and the distillation) run on rank 0 and the weights are broadcast, so every DDP
+    rank holds the same masks. Level, masks and saved models live in the checkpoint: a resumed run
+    continues mid-sweep.
     """
 
     def __init__(self, sparsifier: Sparsifier, batches: Iterable[tuple[Tensor, Tensor]], steps_per_level: int,
-                 save_dir: str, checkpoint_dir: str | None = None) -> None:
+                 save_dir: str, checkpoint_dir: str | None = None, distillation: BlockDistillation | None = None,
+                 reference: nn.Module | None = None,
+                 distill_batches: Iterable[tuple[Tensor, Tensor]] | None = None) -> None:
         super().__init__()
         if steps_per_level < 1:
             raise ValueError(f"sweep.steps_per_level must be >= 1, got {steps_per_level}")
+        if distillation is not None and (reference is None or distill_batches is None):
+            raise ValueError("a sweep with block distillation needs the dense reference and calibration batches")
         if sparsifier.nm is not None:
             raise ValueError(f"a sparsity sweep needs unstructured sparsity; {sparsifier.pattern} is one level: "
                              f"use prune.py pruner.pattern={sparsifier.pattern}")
@@ -41,6 +50,7 @@ class SparsitySweep(L.Callback):
         self.levels = list(sparsifier.sparsities)
         self.save_dir = Path(save_dir)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.distillation, self.reference, self.distill_batches = distillation, reference, distill_batches
         self.level = -1  # index into `levels` of the level being fine-tuned
         self.masks: dict[str, Tensor] = {}  # layer name -> 1 where the weight is kept
         self.saved: dict[float, str] = {}
@@ -86,18 +96,20 @@ class SparsitySweep(L.Callback):
 
     def _sparsify(self, trainer: L.Trainer, student: nn.Module, index: int) -> None:
         level = self.levels[index]
-        weights = None
+        state = None
         if trainer.is_global_zero:
             one_level = copy.copy(self.sparsifier)
             one_level.sparsities = [level]
             sparse = one_level(copy.deepcopy(student).eval(), self.batches)[level]
-            weights = {name: layer.weight.detach().cpu() for name, layer in self.sparsifier.layers(sparse).items()}
-        weights = trainer.strategy.broadcast(weights, src=0)
+            if self.distillation is not None:  # trains every block parameter, so the whole state travels
+                report = distill_sparse(self.distillation, sparse, self.reference, self.distill_batches,
+                                        list(self.sparsifier.layers(sparse)), next(student.parameters()).device)
+                log.info(f"sparsity {level:.2f}: block distillation in {report['seconds']} s")
+            state = {name: value.detach().cpu() for name, value in sparse.state_dict().items()}
+        state = trainer.strategy.broadcast(state, src=0)
+        student.load_state_dict(state)
         layers = self.sparsifier.layers(student)
-        with torch.no_grad():
-            for name, w in weights.items():
-                layers[name].weight.copy_(w)
-        self.masks = {name: (w != 0).to(w.dtype).to(layers[name].weight.device) for name, w in weights.items()}
+        self.masks = {name: (layer.weight != 0).to(layer.weight.dtype).detach() for name, layer in layers.items()}
         self.level = index
         kept = sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
         log.info(f"sparsified to {level:.2f} (achieved {1 - kept:.3f}); fine-tuning {self.steps_per_level} steps")

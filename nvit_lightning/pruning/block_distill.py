@@ -14,6 +14,11 @@ error left by earlier ones (BRECQ-style block reconstruction, here for structure
 The blocks are trained in their compact form (a third fewer FLOPs at 0.65x latency than the masked
 ones) and written back into the live slices of the masked model, whose pruned slices stay zero: the
 tuned model still compacts exactly.
+
+A sparse model (oViT / WoodFisher / magnitude, unstructured or N:M: mask-free, zeros in place) is
+tuned the same way with its weight masks held: the gradients of pruned weights are zeroed before
+every Adam step (so both of Adam's moments stay exactly zero there and the step cannot move them)
+and the weights re-masked after it, so every zero, and with it an N:M pattern, survives exactly.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..models import PrunableViT
@@ -55,45 +60,55 @@ class BlockDistillation:
             raise ValueError(f"block distillation: batch_size must be >= 1, got {self.batch_size}")
 
     def __call__(self, model: PrunableViT, reference: PrunableViT, images: Sequence[Tensor],
-                 device: str | torch.device = "cpu", progress: bool = True) -> list[FitResult]:
-        """Tune the blocks of the masked `model` in place against `reference` on `images` (batches of
-        images); returns every block's relative error `‖ours − dense‖² / ‖dense‖²` before and after."""
-        if not model.masked:
-            raise ValueError("block distillation works on the masked model (before compact())")
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 masks: Mapping[str, Tensor] | None = None) -> list[FitResult]:
+        """Tune the blocks of `model` in place against `reference` on `images` (batches of images);
+        returns every block's relative error `‖ours − dense‖² / ‖dense‖²` before and after.
+
+        `model` is either structurally masked (trained in compact form, written back) or, with
+        `masks` (parameter name -> 1 where the weight may be nonzero, e.g. `sparsity.weight_masks`),
+        a mask-free sparse model whose masked weights stay exactly zero."""
+        if model.masked == (masks is not None):
+            raise ValueError("block distillation works on the masked model (before compact()), or on a mask-free "
+                             "sparse model with its weight masks (masks=...)")
         if not images:
             raise ValueError("block distillation needs at least one calibration batch")
         device = torch.device(device)
         modes = [m.training for m in (model, reference)]
         reference.to(device).eval()  # no dropout / drop path: the function being compressed
-        student = model.to(device).compact().eval()
-        live_emb = model.emb_mask.nonzero().flatten()  # the dense stream's channels the student has
+        student = model.to(device).compact().eval() if model.masked else model.to(device).eval()
+        try:
+            results = self._distill(student, reference, images, device, progress,
+                                    model.emb_mask.nonzero().flatten() if model.masked else None, masks or {})
+        finally:
+            model.train(modes[0])
+            reference.train(modes[1])
+        if model.masked:
+            load_compact_into(model, student)
+        return results
+
+    def _distill(self, student: PrunableViT, reference: PrunableViT, images: Sequence[Tensor],
+                 device: torch.device, progress: bool, live_emb: Tensor | None,
+                 masks: Mapping[str, Tensor]) -> list[FitResult]:
+        """Every block of `student` in order, on the stream its tuned predecessors produce; `live_emb`:
+        the dense stream's channels the student has (None: all)."""
         ref_mask = reference.emb_mask_or_none
         with torch.no_grad():
             ours = torch.cat([student.embed(x.to(device).float()) for x in images])  # n, tokens, live emb
             theirs = torch.cat([reference.embed(x.to(device).float()) for x in images])  # n, tokens, emb
         generator = torch.Generator().manual_seed(self.seed)
-        steps = self.epochs * math.ceil(len(ours) / self.batch_size)
         results = []
         bar = tqdm(list(zip(student.blocks, reference.blocks)), desc="block distillation", leave=False,
                    disable=not progress)
         for i, (block, dense_block) in enumerate(bar):
             with torch.no_grad():
                 theirs = _chunked(functools.partial(dense_block, emb_mask=ref_mask), theirs, self.batch_size)
-                target = theirs[..., live_emb]
+                target = theirs if live_emb is None else theirs[..., live_emb]
                 before = _relative_error(_chunked(block, ours, self.batch_size), target)
+            held = {p: masks[f"blocks.{i}.{name}"].to(p.device, p.dtype)
+                    for name, p in block.named_parameters() if f"blocks.{i}.{name}" in masks}
             refit = copy.deepcopy(block.state_dict())
-            optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-            with torch.enable_grad():
-                for _ in range(steps):
-                    idx = torch.randint(len(ours), (self.batch_size,), generator=generator).to(device)
-                    loss = F.mse_loss(block(ours[idx]), target[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            self._train(block, ours, target, held, generator)
             with torch.no_grad():
                 tuned = _chunked(block, ours, self.batch_size)
                 after = _relative_error(tuned, target)
@@ -103,10 +118,30 @@ class BlockDistillation:
                 ours = tuned
             results.append(FitResult(f"blocks.{i}", before, after))
             bar.set_postfix(error=f"{results[-1].error_before:.3f}->{results[-1].error_after:.3f}")
-        load_compact_into(model, student)
-        model.train(modes[0])
-        reference.train(modes[1])
         return results
+
+    def _train(self, block: nn.Module, inputs: Tensor, target: Tensor, held: Mapping[nn.Parameter, Tensor],
+               generator: torch.Generator) -> None:
+        """`epochs` passes of Adam (cosine-decayed lr) on mini-batches of the block's inputs; the
+        parameters in `held` keep their zeros (gradient masked before each step, weight after it)."""
+        steps = self.epochs * math.ceil(len(inputs) / self.batch_size)
+        optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(len(inputs), (self.batch_size,), generator=generator).to(inputs.device)
+                loss = F.mse_loss(block(inputs[idx]), target[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for param, mask in held.items():  # zero gradients keep Adam's moments, so its step, at zero
+                    param.grad.mul_(mask)
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():  # exact zeros whatever the step did (e.g. a weight-decaying optimizer)
+                    for param, mask in held.items():
+                        param.mul_(mask)
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:

@@ -1,7 +1,7 @@
 """oViT: second-order (OBS) unstructured and N:M sparsity of a ViT's linears, with baselines."""
 
 from .fisher import block_fisher, damped_inverse
-from .layers import Blocks, layer_sparsity, sparsifiable_layers
+from .layers import Blocks, layer_sparsity, sparsifiable_layers, weight_masks
 from .obs import obs_order, obs_prune, obs_scores
 from .select import removal_counts
 from .semi_structured import is_n_m_sparse, to_semi_structured
@@ -23,4 +23,5 @@ __all__ = [
            "removal_counts",
            "sparsifiable_layers",
            "to_semi_structured",
+           "weight_masks",
 ]

@@ -34,6 +34,13 @@ def layer_sparsity(model: nn.Module, names: list[str]) -> tuple[float, dict[str,
     return sum(zeros.values()) / sum(sizes.values()), {name: zeros[name] / sizes[name] for name in names}
 
 
+def weight_masks(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """`{"<layer>.weight": 1 where the weight is nonzero}` of the named layers: the zeros a sparse
+    model's reconstruction or fine-tuning must hold (`BlockDistillation(masks=...)`)."""
+    modules = dict(model.named_modules())
+    return {f"{name}.weight": (modules[name].weight != 0).to(modules[name].weight.dtype).detach() for name in names}
+
+
 def layer_inputs(layer: nn.Module, x: Tensor) -> Tensor:
     """What the layer's weight (flattened to out x in) multiplies, per sample: (B, tokens, in)."""
     if isinstance(layer, nn.Conv2d):  # patch embedding: one token per non-overlapping patch

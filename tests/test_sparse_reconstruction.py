@@ -1,0 +1,189 @@
+"""Block distillation of sparse (oViT / N:M) models: every zero stays exactly zero at every optimizer
+step, N:M patterns stay N:M, and every block ends closer to the dense one than oViT left it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from nvit_lightning.models import PrunableViT
+from nvit_lightning.pruning.block_distill import BlockDistillation
+from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
+from nvit_lightning.sparsity.distill import distill_sparse
+
+from .conftest import tiny_vit
+
+
+def _batches(n: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+def _dense() -> PrunableViT:
+    return tiny_vit().compact()  # mask-free, as prune.py and the sweep sparsify it
+
+
+def _sparse(dense: PrunableViT, pattern: str) -> PrunableViT:
+    # uniform: every layer keeps 40 % (globally, a random model's k of block 0 is emptied, and with it
+    # every gradient of q: nothing left to train there)
+    options = ({"sparsities": [0.6], "distribution": "uniform"} if pattern == "unstructured"
+               else {"sparsities": None, "pattern": pattern})
+    (sparse,) = OBSSparsifier(num_grads=32, block_size=16, **options)(dense, _batches(2, seed=3)).values()
+    return sparse
+
+
+def _block_outputs(model: PrunableViT, images: list[Tensor]) -> list[Tensor]:
+    """The residual stream after every block, over all images."""
+    outs: list[list[Tensor]] = [[] for _ in model.blocks]
+    with torch.no_grad():
+        for x in images:
+            x = model.embed(x)
+            for i, block in enumerate(model.blocks):
+                x = block(x, model.emb_mask_or_none)
+                outs[i].append(x)
+    return [torch.cat(o) for o in outs]
+
+
+@contextmanager
+def _check_every_step(model: PrunableViT, masks: dict[str, Tensor]) -> Iterator[list[int]]:
+    """After every optimizer step (before the distillation re-masks the weights), each masked weight
+    of `model` and both of Adam's moments there are exactly zero; yields the step count."""
+    params = dict(model.named_parameters())
+    held = {params[name]: mask == 0 for name, mask in masks.items()}
+    steps = [0]
+
+    def check(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        steps[0] += 1
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p in held:
+                    dead = held[p]
+                    assert not p.detach()[dead].any(), "a pruned weight moved"
+                    state = optimizer.state[p]
+                    assert not state["exp_avg"][dead].any() and not state["exp_avg_sq"][dead].any()
+
+    handle = register_optimizer_step_post_hook(check)
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_distillation_holds_every_zero_at_every_step(pattern: str) -> None:
+    dense = _dense()
+    sparse = _sparse(dense, pattern)
+    names = list(sparsifiable_layers(sparse))
+    masks = weight_masks(sparse, names)
+    before = copy.deepcopy(sparse.state_dict())
+    images = [x for x, _ in _batches()]
+    with _check_every_step(sparse, masks) as steps:
+        results = BlockDistillation(epochs=3, lr=3e-3, batch_size=16)(sparse, dense, images, progress=False,
+                                                                      masks=masks)
+    assert steps[0] == 2 * 3 * 4  # every step of both blocks was checked
+    assert all(r.error_after < r.error_before for r in results)  # trained, not reverted
+    modules = dict(sparse.named_modules())
+    for name in names:
+        weight, old = modules[name].weight, before[f"{name}.weight"]
+        assert torch.equal(weight == 0, old == 0), name  # the same zeros: none revived, none added
+        assert not torch.equal(weight, old), name  # the kept weights were trained
+        if pattern == "2:4":
+            assert is_n_m_sparse(weight, 2, 4), name
+
+
+def test_distillation_lowers_every_blocks_error_below_ovits() -> None:
+    """Against the dense model's residual stream after each block: lower than oViT alone on the
+    calibration images, and on images the distillation never saw."""
+    dense = _dense()
+    sparse = _sparse(dense, "unstructured")
+    ovit = copy.deepcopy(sparse)
+    batches, unseen = _batches(4), [x for x, _ in _batches(2, seed=11)]
+    report = distill_sparse(BlockDistillation(epochs=8, lr=1e-3, batch_size=16), sparse, dense, batches,
+                            list(sparsifiable_layers(sparse)), progress=False)
+    assert len(report["block_errors"]) == 2 and report["seconds"] >= 0
+    assert all(after < before for before, after in report["block_errors"])
+    for images in ([x for x, _ in batches], unseen):
+        reference = _block_outputs(dense, images)
+        for o, s, r in zip(_block_outputs(ovit, images), _block_outputs(sparse, images), reference):
+            assert (s - r).square().sum() < 0.9 * (o - r).square().sum()
+
+
+def test_distillation_needs_masks_exactly_for_mask_free_models() -> None:
+    dense, images = _dense(), [torch.randn(4, 3, 32, 32)]
+    with pytest.raises(ValueError, match="weight masks"):
+        BlockDistillation(epochs=1)(tiny_vit(), dense, images, masks={})  # structurally masked
+    with pytest.raises(ValueError, match="masked"):
+        BlockDistillation(epochs=1)(tiny_vit().compact(), dense, images)  # mask-free, no masks
+
+
+def test_weight_masks_mark_the_nonzero_weights() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[0, 1] = 0.0
+    masks = weight_masks(model, ["0"])
+    assert list(masks) == ["0.weight"] and int(masks["0.weight"].sum()) == 11 and masks["0.weight"][0, 1] == 0
+
+
+@pytest.mark.slow  # a sweep stopped and resumed: ~15 s of CPU time, 50 s on a busy 2-core machine
+def test_sweep_with_distillation_keeps_exact_zeros_through_a_resume(tmp_path, monkeypatch) -> None:
+    """`+experiment=ovit_sweep reconstruction=block_distill`: every level is
+    block-distilled, then fine-tuned; stopped after the first level and resumed, every saved model
+    and the checkpoint hold exactly the requested zeros, nested from level to level."""
+    from nvit_lightning.callbacks import sparsity as sweep_module
+    from nvit_lightning.cli import train
+
+    from .test_app import QUIET_CALLBACKS, SWEEP, _zeros, compose_cfg
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return distill_sparse(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "distill_sparse", counting)
+    overrides = [*QUIET_CALLBACKS, *SWEEP, "reconstruction=block_distill",
+                 "reconstruction.batches=2", "reconstruction.distillation.epochs=2"]
+    with pytest.raises(ValueError, match=r"the sweep stopped after \[0.3\]"):
+        train.sparsity_sweep(compose_cfg("train", overrides, tmp_path), max_steps=3)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (state,) = [s for k, s in checkpoint["callbacks"].items() if "SparsitySweep" in k]
+    for name, mask in state["masks"].items():  # the checkpointed weights hold exactly the masks' zeros
+        assert torch.equal(checkpoint["state_dict"][f"student.{name}.weight"] != 0, mask.bool()), name
+    report = train.sparsity_sweep(compose_cfg("train", [*overrides, "ckpt_path=last"], tmp_path))
+    assert len(calls) == 2  # one distillation per level, none redone by the resume
+    for entry in report["sparse"]:
+        assert abs(entry["achieved"] - entry["sparsity"]) < 1e-3
+    first, second = (_zeros(e["dir"]) for e in report["sparse"])
+    for key, zero in first.items():
+        assert bool((second[key] | ~zero).all()), key
+
+
+def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
+    """`prune.py pruner=ovit reconstruction=block_distill`: each level is distilled (zeros exact, the
+    report holds the accuracy before and the block errors); the least-squares refit alone does not
+    apply to sparse models and changes nothing."""
+    from nvit_lightning.cli import prune
+
+    from .test_app import SPARSE_SMALL, compose_cfg
+
+    ovit = [*SPARSE_SMALL, "pruner=ovit", "pruner.sparsities=[0.5]", "pruner.num_grads=16", "pruner.block_size=16",
+            "data.batch_size=8"]
+    distilled = prune.sparsify(compose_cfg("prune", [*ovit, "reconstruction=block_distill", "reconstruction.batches=2",
+                                                     "reconstruction.distillation.epochs=2"], tmp_path / "bd"))
+    plain = prune.sparsify(compose_cfg("prune", [*ovit, "reconstruction=least_squares"], tmp_path / "ls"))
+    (entry,), (alone,) = distilled["sparse"], plain["sparse"]
+    assert entry["achieved"] == alone["achieved"] and abs(entry["achieved"] - 0.5) < 1e-3
+    assert entry["before_reconstruction"] == {k: alone[k] for k in ("top1", "top5")}  # the same oViT model
+    assert all(after <= before for before, after in entry["distillation"]["block_errors"])
+    assert "distillation" not in alone and plain["reconstruction"] is None
+    assert distilled["reconstruction"]["distillation"]["epochs"] == 2
+    tuned = PrunableViT.from_pretrained(entry["dir"]).state_dict()
+    ovit_only = PrunableViT.from_pretrained(alone["dir"]).state_dict()
+    for name in sparsifiable_layers(PrunableViT.from_pretrained(entry["dir"])):
+        assert torch.equal(tuned[f"{name}.weight"] == 0, ovit_only[f"{name}.weight"] == 0), name
