@@ -44,10 +44,10 @@ UNIT_GROUPS = dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1)
 OURS: dict[str, list[str]] = {
     "ours": [],
     "ours + block distillation": ["reconstruction=block_distill"],
-    "ours, no reconstruction": ["reconstruct=false"],
+    "ours, no reconstruction": ["reconstruction=none"],
     "saliency events (hessian) + reconstruction": ["pruner=oneshot"],
     "NViT paper ranking (hessian, η=0, every kind), no reconstruction": [
-        "pruner=hessian", "pruner.ranking=penalty", "pruner.eta=0", "reconstruct=false",
+        "pruner=hessian", "pruner.ranking=penalty", "pruner.eta=0", "reconstruction=none",
         "pruner.group_sizes={emb: 16, head: 1, qk: 8, v: 8, mlp: 16}",
         "pruner.divisors={emb: 12, head: 12, qk: 2, v: 2, mlp: 1}"],
     "magnitude + reconstruction": ["pruner=oneshot", "pruner.criterion=magnitude"],
@@ -94,7 +94,7 @@ def materialise(dense: PrunableViT, masks: dict, overrides: list[str], batches: 
     cfg, *_ = load_setup(overrides)
     model = copy.deepcopy(dense)
     Structure(model, UNIT_GROUPS).set_masks(masks)
-    if cfg.reconstruct:
+    if cfg.reconstruction:
         build(cfg.reconstruction)(model, dense, batches)
     return model.compact().eval()
 
@@ -187,7 +187,7 @@ def main() -> None:
         print(f"candidates: {method}", flush=True)
         if method in OURS:
             overrides = OURS[method]
-            path_key = tuple(o for o in overrides if not o.startswith("reconstruct"))
+            path_key = tuple(o for o in overrides if not o.startswith("reconstruction"))
             if path_key not in pruned_masks:
                 pruned_masks[path_key] = our_candidates(overrides, grid, batches)
             for knob, masks in pruned_masks[path_key].items():

@@ -29,7 +29,7 @@ from nvit_lightning.timing import prunable_spec, time_in_fresh_process
 
 
 def rows_for_batch(batch: int, args: argparse.Namespace) -> list[dict]:
-    cfg, datamodule, dense, table = load_setup([f"latency=deit_tiny_cpu_b{batch}", "reconstruct=false"])
+    cfg, datamodule, dense, table = load_setup([f"latency=deit_tiny_cpu_b{batch}", "reconstruction=none"])
     batches = list(datamodule.calib_dataloader(max(cfg.calib_batches, cfg.rescore_batches)))
     model = copy.deepcopy(dense)
     _, criterion, pruner = build_pruning(model, table, **{**pruning_options(cfg.pruner), "targets": args.targets})

@@ -1,16 +1,12 @@
-"""What train.py and prune.py share: set-up, config checks, one-line errors, the final report."""
+"""What train.py and prune.py share before any work: the environment, building configs
+(`_target_`), the config checks, and the run's data, model and latency model."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
-import math
 import os
-import sys
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,48 +16,21 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from .evaluation import evaluate
+from .errors import USER_ERRORS
 from .models import PrunableViT
 from .module import check_training_options
 from .pruning import build_pruning
 from .pruning.latency import LatencyModel
 from .pruning.search import LatencySearch
-from .report import model_entry
-from .sparsity import Sparsifier, layer_sparsity
-from .timing import prunable_spec, ratio_uncertainty, time_in_fresh_process, timm_spec
+from .sparsity import Sparsifier
 
 log = logging.getLogger("nvit_lightning")
-
-# errors a user can fix from the command line: shown as one line, no traceback
-USER_ERRORS = (FileNotFoundError, ValueError, MissingMandatoryValue)
-MAX_RATIO_IQR = 0.2  # spread of a measurement's per-round speed-ups above which it is flagged
 
 
 def is_rank_zero() -> bool:
     """Rank 0 of a (possibly not yet launched) DDP job: Lightning reads the rank from the environment."""
     return rank_zero_only.rank == 0
-
-
-def cli_errors(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Turn bad input (a wrong path, a bad config value) into a one-line error and exit code 2."""
-
-    @functools.wraps(main)
-    def wrapper(cfg: DictConfig) -> Any:
-        try:
-            return main(cfg)
-        except USER_ERRORS as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            _exit_with(err)
-
-    return wrapper
-
-
-def _exit_with(err: BaseException) -> None:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -112,6 +81,16 @@ def build_all(cfg: DictConfig | None) -> list[Any]:
 
 def model_tokens(model: PrunableViT) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def model_shape(model: PrunableViT, latency_cfg: DictConfig) -> dict[str, Any]:
+    """The model's shape for the keys a latency config leaves null (`latency=flops`: tokens, classes,
+    patch size...), so an analytic latency model fits whichever ViT is pruned."""
+    c = model.config
+    shape = {"tokens": model_tokens(model), "num_classes": model.num_classes, "patch_size": c["patch_size"],
+             "in_chans": c["in_chans"], "distilled": c.get("distilled", False),
+             "prefix_tokens": model.num_prefix_tokens}
+    return {k: v for k, v in shape.items() if k in latency_cfg and latency_cfg[k] is None}
 
 
 def check_latency_model(latency_model: LatencyModel, model: PrunableViT) -> None:
@@ -191,15 +170,25 @@ def check_trainer_config(cfg: DictConfig) -> None:
 
 
 def check_data_fits_model(datamodule: Any, model: PrunableViT) -> None:
-    """Image size and labels the model cannot take, caught before any evaluation or training."""
+    """Image size and labels the model cannot take, caught before any evaluation or training: more
+    labels than the head has, or named classes (class folders, the CIFAR-10 tar) of another count."""
     size = model.config.get("img_size")
     if getattr(datamodule, "img_size", size) != size:
         raise ValueError(f"data.img_size={datamodule.img_size} but the model takes {size}x{size} images: "
                          f"set data.img_size={size}")
+    if model.num_classes == 0:  # a backbone, e.g. DINOv2: its features are pruned, no labels to fit
+        log.warning("the model has no classifier (num_classes=0): top-1 is not measured, and only pruners that "
+                    "need no labels work (the latency search + refit); model.num_classes=N adds a head")
+        return
+    classes = datamodule.classes() if hasattr(datamodule, "classes") else None
+    if classes is not None and len(classes) != model.num_classes:
+        raise ValueError(f"the data has {len(classes)} classes but the model's head has {model.num_classes}: "
+                         f"set model.num_classes={len(classes)} (a new head, trained on the data)")
     labels = datamodule.num_labels() if hasattr(datamodule, "num_labels") else None
     if labels is not None and labels > model.num_classes:
         raise ValueError(f"the data has labels up to {labels - 1}, but the model has {model.num_classes} "
-                         f"classes: use a dataset with this model's classes (or a model with its own head)")
+                         f"classes: set model.num_classes={labels} (a new head), or use data with this model's "
+                         f"classes")
 
 
 def make_output_dir(path: str | Path) -> Path:
@@ -235,73 +224,6 @@ def work_device(cfg: DictConfig) -> str:
     return "cpu"
 
 
-def val_accuracy(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, name: str) -> dict[str, float]:
-    """Top-1 / top-5 on data.val; empty with `evaluate=false` or without a validation set."""
-    if not cfg.evaluate or datamodule.val_spec is None:
-        return {}
-    return evaluate(model, datamodule.val_dataloader(), work_device(cfg), desc=f"evaluate {name}")
-
-
-def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: Any, cfg: DictConfig,
-                   name: str, with_dims: bool) -> dict[str, Any]:
-    """The report entry of one model: size, predicted latency, accuracy on data.val (measured latency
-    comes later, from `measure_side_by_side`)."""
-    return model_entry(model, latency_model, None, val_accuracy(model, datamodule, cfg, name) or None, with_dims)
-
-
-def calibration_batches(sparsifier: Sparsifier, datamodule: Any) -> Any:
-    """The sparsifier's calibration images: `num_grads` of data.train's fixed random subset (eval
-    transform), the same images on every pass (a Fisher in chunks reads them twice)."""
-    num_grads = getattr(sparsifier, "num_grads", 0)
-    return datamodule.calib_dataloader(max(1, math.ceil(num_grads / datamodule.batch_size)))
-
-
-def describe_sparse(model: PrunableViT, sparsifier: Sparsifier, level: float, path: str | Path, datamodule: Any,
-                    cfg: DictConfig) -> dict[str, Any]:
-    """The report entry of one sparse model: requested and achieved sparsity (over the sparsified
-    layers), its directory, accuracy on data.val, the sparsity of each layer."""
-    achieved, layers = layer_sparsity(model, list(sparsifier.layers(model)))
-    return {"sparsity": level, "achieved": achieved, "dir": str(path),
-            **val_accuracy(model, datamodule, cfg, f"sparsity {level:.2f}"), "layers": layers}
-
-
-def measure_side_by_side(dense: PrunableViT | dict, pruned: PrunableViT, latency_model: LatencyModel,
-                         cfg: DictConfig) -> dict[str, Any] | None:
-    """Measured ms of the pruned model, our dense model and timm's own dense model, timed together in
-    a fresh process on the latency model's device, dtype, batch size and threads (`timing.py`).
-    `dense` is the dense model or its `prunable_spec` (taken before pruning changed the model).
-    A measurement whose per-round speed-ups disagree by more than `MAX_RATIO_IQR` (interquartile range
-    over median) is taken again once, and flagged in the result if it still does."""
-    if not cfg.measure_latency:
-        return None
-    setup = latency_model.timing
-    if setup.device == "cuda" and not torch.cuda.is_available():
-        log.warning(f"{latency_model.describe()} is for CUDA, but no GPU is visible: latency not measured")
-        return None
-    dense_spec = dense if isinstance(dense, dict) else prunable_spec(dense)  # or taken before pruning
-    specs = {"dense": dense_spec, "pruned": prunable_spec(pruned)}
-    timm_name = cfg.model.get("timm_name")
-    if timm_name:
-        specs["timm_dense"] = timm_spec(timm_name, num_classes=pruned.num_classes)
-
-    def uncertainty(result: dict[str, Any]) -> float:
-        return max(ratio_uncertainty(result, "pruned", reference) for reference in specs if reference != "pruned")
-
-    log.info(f"timing dense and pruned models in a fresh process ({setup})")
-    result = time_in_fresh_process(specs, setup)
-    if uncertainty(result) > MAX_RATIO_IQR:
-        log.warning(f"per-round speed-ups disagree (interquartile range {uncertainty(result):.0%} of the median): "
-                    f"the machine is busy; measuring again")
-        result = min(result, time_in_fresh_process(specs, setup), key=uncertainty)
-    result["ratio_iqr"] = uncertainty(result)
-    result["noisy"] = result["ratio_iqr"] > MAX_RATIO_IQR
-    if result["noisy"]:
-        log.warning(f"latency measurement is noisy (per-round speed-ups vary by {result['ratio_iqr']:.0%}); "
-                    f"re-time on an idle machine")
-    result["setup"] = asdict(setup)
-    return result
-
-
 def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
     """Datamodule, model and latency model of a train/prune run, checked before any work starts."""
     check_pruner_config(cfg)
@@ -309,9 +231,13 @@ def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
     check_trainer_config(cfg)
     make_output_dir(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build(cfg.data)
-    model = build(cfg.model)
-    latency_model = build(cfg.latency)
+    if cfg.data.get("img_size") is None:  # e.g. data=synthetic: images of the model's own input size
+        model = build(cfg.model)
+        datamodule = build(cfg.data, img_size=model.config["img_size"])
+    else:  # the data's paths are checked before the model's weights are read
+        datamodule = build(cfg.data)
+        model = build(cfg.model)
+    latency_model = build(cfg.latency, **model_shape(model, cfg.latency))
     check_latency_model(latency_model, model)
     datamodule.setup()
     check_data_fits_model(datamodule, model)

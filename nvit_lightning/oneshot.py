@@ -19,6 +19,7 @@ from .pruning import Criterion, GlobalPruner, PruningEvent, prune_to_targets
 from .pruning.latency import LatencyModel
 from .pruning.reconstruct import Reconstruction
 from .pruning.search import LatencySearch
+from .report import target_name
 
 
 def calibrator(model: PrunableViT, batches: Iterable[tuple[Tensor, Tensor]], criterion: Criterion,
@@ -66,7 +67,7 @@ def prune_one_shot(model: PrunableViT, reference: PrunableViT, pruner: GlobalPru
 
 def snapshot_path(directory: str | Path, target: float) -> Path:
     """Where the compact model of a latency target goes: `<directory>/target_<t>`."""
-    return Path(directory) / f"target_{target:.2f}"
+    return Path(directory) / target_name(target)
 
 
 def search_and_refit(search: LatencySearch, model: PrunableViT, reference: PrunableViT,
@@ -93,6 +94,6 @@ def recover(student: PrunableViT, teacher: PrunableViT, datamodule: L.LightningD
     """Fine-tune `student` for the trainer's `max_steps` with KL to the frozen `teacher` (a fresh
     optimizer); returns the student, left in eval mode."""
     module = NViTModule(student, optimizer=optimizer, kl_weight=kl_weight, temperature=temperature,
-                        kl_from_start=True, teacher=teacher, label_smoothing=label_smoothing)
+                        kl_from_start=True, teacher=teacher, label_smoothing=label_smoothing, stage="recover")
     trainer.fit(module, datamodule=datamodule)
     return module.student.eval()

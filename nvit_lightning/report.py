@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .models import PrunableViT
+from .plots import plot_accuracy_latency, plot_architecture
 from .pruning.latency import LatencyModel
 from .timing import paired_ratio
+from .tracking import accuracy_latency_points, report_rows
 
 
 def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: float | None,
@@ -23,20 +25,75 @@ def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: fl
     return entry
 
 
+def history_record(event: Any, model: PrunableViT, step: int | None = None) -> dict[str, Any]:
+    """One entry of pruning_history.json, the same for every pipeline that prunes in events: the
+    latency and size after a `PruningEvent`, the units it removed per kind, and the dims. `step` is
+    the optimizer step of pruning while training; one-shot events have none."""
+    size = model.size_of(event.dims)
+    return {"event": event.index, **({"step": step} if step is not None else {}), "latency_ms": event.latency_after,
+            "latency_ratio": event.ratio_after, "params": size["params"], "macs": size["macs"],
+            **{f"pruned_{k}": n for k, n in event.pruned.items()}, "dims": event.dims.to_dict()}
+
+
 def write_report(path: str | Path, dense: dict, pruned: dict, target_latency: float, criterion: str,
-                 eta: float, latency_model: LatencyModel, timing: dict | None = None, **extra: Any) -> dict:
-    """report.json; `timing` is `app.measure_side_by_side`'s fresh-process measurement."""
+                 eta: float, latency_model: LatencyModel, timing: dict | None = None,
+                 targets: list[dict] | None = None, **extra: Any) -> dict:
+    """report.json; `timing` is `measure.measure_side_by_side`'s fresh-process measurement, `targets` the
+    entries of every latency target of a run that wrote several."""
+    targets = targets or []
     if timing is not None:
         ms = timing["ms"]
-        dense["latency_measured_ms"], pruned["latency_measured_ms"] = ms["dense"], ms["pruned"]
+        dense["latency_measured_ms"] = ms["dense"]
         dense["latency_measured_timm_ms"] = ms.get("timm_dense")
-        # speed-ups from round-by-round ratios (`paired_ratio`), not from the two medians
-        pruned["speedup"] = 1 / paired_ratio(timing, "pruned", "dense")
-        pruned["speedup_vs_timm"] = 1 / paired_ratio(timing, "pruned", "timm_dense") if "timm_dense" in ms else None
+        _add_measured(pruned, "pruned", timing)
+        for entry in targets:
+            name = "pruned" if entry["target"] == target_latency else target_name(entry["target"])
+            if name in ms:
+                _add_measured(entry, name, timing)
     report = {"dense": dense, "pruned": pruned, "target_latency": target_latency, "criterion": criterion,
               "eta": eta, "latency_model": latency_model.describe(), "timing": timing, **extra}
+    if targets:
+        report["targets"] = targets
     Path(path).write_text(json.dumps(report, indent=2))
     return report
+
+
+def target_name(target: float) -> str:
+    """The name of a latency target's model: its snapshot directory and its key in the timing."""
+    return f"target_{target:.2f}"
+
+
+def _add_measured(entry: dict, name: str, timing: dict) -> None:
+    """Measured ms of model `name` and its speed-ups from round-by-round ratios (`paired_ratio`),
+    not from the two medians."""
+    ms = timing["ms"]
+    entry["latency_measured_ms"] = ms[name]
+    entry["speedup"] = 1 / paired_ratio(timing, name, "dense")
+    entry["speedup_vs_timm"] = 1 / paired_ratio(timing, name, "timm_dense") if "timm_dense" in ms else None
+
+
+def write_plots(report: dict, out_dir: str | Path, history: list[dict] | None = None) -> list[Path]:
+    """The PNGs of a finished run: `architecture.png` for a structured run, and `accuracy_latency.png`
+    (or `accuracy_sparsity.png`) when it evaluated several models beside the dense one."""
+    out_dir = Path(out_dir)
+    plots = []
+    if "sparse" in report:
+        points = [{"label": r["model"], "latency": r.get("sparsity") or 0.0, "top1": r["top1"]}
+                  for r in report_rows(report) if r.get("top1") is not None]
+        if len(points) > 2:
+            plots.append(plot_accuracy_latency(points, out_dir / "accuracy_sparsity.png",
+                                               f"{report['method']} ({report['pattern']})", xlabel="sparsity"))
+        return plots
+    if report["dense"].get("dims") and report["pruned"].get("dims"):
+        plots.append(plot_architecture(report["dense"]["dims"], report["pruned"]["dims"], out_dir / "architecture.png",
+                                       history or []))
+    points = accuracy_latency_points(report)
+    if len(points) > 2:
+        timed = report["pruned"].get("speedup_vs_timm") is not None
+        plots.append(plot_accuracy_latency(
+            points, out_dir / "accuracy_latency.png", f"{report['criterion']} · {report['latency_model']}",
+            xlabel="measured latency / timm's dense model" if timed else "predicted latency / dense model"))
+    return plots
 
 
 def summary_table(report: dict) -> str:

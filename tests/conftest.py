@@ -50,3 +50,15 @@ def assert_pruned_slices_zero(model: PrunableViT) -> None:
         for key, axis in spec.axes.items():
             dead = (structure.layers[key].mask == 0).nonzero().flatten()
             assert viewed.index_select(axis, dead).abs().sum() == 0, (spec.name, key)
+
+
+def block_outputs(model: PrunableViT, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The residual stream after every block, over all images."""
+    outs: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    with torch.no_grad():
+        for x in images:
+            x = model.embed(x)
+            for i, block in enumerate(model.blocks):
+                x = block(x, model.emb_mask_or_none)
+                outs[i].append(x)
+    return [torch.cat(o) for o in outs]

@@ -13,7 +13,7 @@ from nvit_lightning.pruning import Structure
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.pruning.reconstruct import Reconstruction, reconstruct
 
-from .conftest import assert_pruned_slices_zero, random_masks, tiny_vit
+from .conftest import assert_pruned_slices_zero, block_outputs, random_masks, tiny_vit
 
 
 def _images(n: int = 4, batch: int = 16, seed: int = 1) -> list[torch.Tensor]:
@@ -33,27 +33,16 @@ def _pruned(model: PrunableViT, seed: int = 0) -> PrunableViT:
     return pruned
 
 
-def _block_outputs(model: PrunableViT, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The residual stream after every block, over all images."""
-    outs: list[list[torch.Tensor]] = [[] for _ in model.blocks]
-    with torch.no_grad():
-        for x in images:
-            x = model.embed(x)
-            for i, block in enumerate(model.blocks):
-                x = block(x, model.emb_mask_or_none)
-                outs[i].append(x)
-    return [torch.cat(o) for o in outs]
-
 
 @pytest.mark.parametrize("target", ["reference", "local"])
 def test_refit_lowers_every_blocks_output_error(target: str) -> None:
     dense = tiny_vit()
     pruned = _pruned(dense)
     images = _images()
-    reference_out = _block_outputs(dense, images)
-    before = [(p - r).square().sum() for p, r in zip(_block_outputs(pruned, images), reference_out)]
+    reference_out = block_outputs(dense, images)
+    before = [(p - r).square().sum() for p, r in zip(block_outputs(pruned, images), reference_out)]
     results = reconstruct(pruned, dense, images, target=target, progress=False)
-    after = [(p - r).square().sum() for p, r in zip(_block_outputs(pruned, images), reference_out)]
+    after = [(p - r).square().sum() for p, r in zip(block_outputs(pruned, images), reference_out)]
     assert [r.layer for r in results] == [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.proj", "mlp.fc2")]
     assert all(r.error_after <= r.error_before for r in results)
     for b, a in zip(before, after):
@@ -116,8 +105,8 @@ def test_block_distillation_lowers_every_blocks_error_after_the_refit(prune_emb:
     assert all(r.error_after < factor * r.error_before for r in results)
     live = pruned.emb_mask.bool()
     for out in (images,) if prune_emb else (images, unseen):
-        reference = _block_outputs(dense, out)
-        for b, a, r in zip(_block_outputs(refit, out), _block_outputs(pruned, out), reference):
+        reference = block_outputs(dense, out)
+        for b, a, r in zip(block_outputs(refit, out), block_outputs(pruned, out), reference):
             assert (a - r)[..., live].square().sum() < factor * (b - r)[..., live].square().sum()
     assert_pruned_slices_zero(pruned)
     x = torch.cat(unseen)

@@ -17,7 +17,7 @@ from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
 from nvit_lightning.sparsity.distill import distill_sparse
 
-from .conftest import tiny_vit
+from .conftest import block_outputs, tiny_vit
 
 
 def _batches(n: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
@@ -37,17 +37,6 @@ def _sparse(dense: PrunableViT, pattern: str) -> PrunableViT:
     (sparse,) = OBSSparsifier(num_grads=32, block_size=16, **options)(dense, _batches(2, seed=3)).values()
     return sparse
 
-
-def _block_outputs(model: PrunableViT, images: list[Tensor]) -> list[Tensor]:
-    """The residual stream after every block, over all images."""
-    outs: list[list[Tensor]] = [[] for _ in model.blocks]
-    with torch.no_grad():
-        for x in images:
-            x = model.embed(x)
-            for i, block in enumerate(model.blocks):
-                x = block(x, model.emb_mask_or_none)
-                outs[i].append(x)
-    return [torch.cat(o) for o in outs]
 
 
 @contextmanager
@@ -109,8 +98,8 @@ def test_distillation_lowers_every_blocks_error_below_ovits() -> None:
     assert len(report["block_errors"]) == 2 and report["seconds"] >= 0
     assert all(after < before for before, after in report["block_errors"])
     for images in ([x for x, _ in batches], unseen):
-        reference = _block_outputs(dense, images)
-        for o, s, r in zip(_block_outputs(ovit, images), _block_outputs(sparse, images), reference):
+        reference = block_outputs(dense, images)
+        for o, s, r in zip(block_outputs(ovit, images), block_outputs(sparse, images), reference):
             assert (s - r).square().sum() < 0.9 * (o - r).square().sum()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nvit_lightning import app
+from nvit_lightning import measure
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning import FlopsLatency, LookupTableLatency
 from nvit_lightning.report import summary_table, write_report
@@ -91,14 +91,14 @@ def test_a_noisy_measurement_is_taken_again_and_flagged(monkeypatch: pytest.Monk
 
     calm, busy = result([60.0, 61.0, 60.0, 59.0]), result([40.0, 90.0, 60.0, 75.0])
     answers = []
-    monkeypatch.setattr(app, "time_in_fresh_process", lambda specs, setup: answers.pop(0))
+    monkeypatch.setattr(measure, "time_in_fresh_process", lambda specs, setup: answers.pop(0))
     cfg = OmegaConf.create({"measure_latency": True, "model": {"timm_name": "deit_tiny_patch16_224"}})
     table = FlopsLatency(tokens=17, batch_size=2)
     answers[:] = [busy, calm]
-    timing = app.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)
+    timing = measure.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)
     assert timing["rounds"] is calm["rounds"] and not timing["noisy"] and not answers
     assert paired_ratio(timing, "pruned", "timm_dense") == pytest.approx(0.6)
     answers[:] = [busy, busy]
-    assert app.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)["noisy"]
+    assert measure.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)["noisy"]
     answers[:] = [calm]
-    assert not app.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)["noisy"] and not answers
+    assert not measure.measure_side_by_side(tiny_vit(), tiny_vit(), table, cfg)["noisy"] and not answers

@@ -13,8 +13,9 @@ import torch
 from ..models import KINDS
 from ..oneshot import snapshot_path
 from ..pruning.latency import LatencyModel
-from ..pruning.pruner import PruningEvent, build_pruning
+from ..pruning.pruner import build_pruning
 from ..pruning.reconstruct import Reconstruction
+from ..report import history_record
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class GlobalPruning(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.reconstruction is not None and getattr(pl_module, "teacher", None) is None:
             raise ValueError("reconstruction at pruning events needs the dense teacher (distill.kl_weight > 0), "
-                             "or set reconstruct=false")
+                             "or set reconstruction=none")
         if stage == "fit" and self.structure is None:
             self.build(pl_module.student)
         if self._pending_state is not None:
@@ -99,7 +100,7 @@ class GlobalPruning(L.Callback):
         self.criterion.end_interval()
         event = self.pruner.step(self.criterion.scores())
         pl_module.enable_kl()
-        record = self._record(event, step, pl_module.student)
+        record = history_record(event, pl_module.student, step)
         self.history.append(record)
         pl_module.log_dict({f"prune/{k}": float(v) for k, v in record.items()
                             if isinstance(v, int | float)}, on_step=True, on_epoch=False)
@@ -131,12 +132,6 @@ class GlobalPruning(L.Callback):
                     before = sum(r.error_before for r in part) / len(part)
                     after = sum(r.error_after for r in part) / len(part)
                     log.info(f"reconstruction: mean relative error of {len(part)} {what} {before:.3f} -> {after:.3f}")
-
-    def _record(self, event: PruningEvent, step: int, model: torch.nn.Module) -> dict[str, Any]:
-        size = model.size_of(event.dims)
-        return {"event": event.index, "step": step, "latency_ms": event.latency_after,
-                "latency_ratio": event.ratio_after, "params": size["params"], "macs": size["macs"],
-                **{f"pruned_{k}": n for k, n in event.pruned.items()}, "dims": event.dims.to_dict()}
 
     def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, target: float) -> None:
         if self.snapshot_dir is None:

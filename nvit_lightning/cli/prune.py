@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import hydra
@@ -18,27 +17,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from nvit_lightning.app import (
     build,
+    build_all,
     build_run,
-    calibration_batches,
-    cli_errors,
     config_dir,
-    describe_model,
-    describe_sparse,
     is_latency_search,
     is_sparsifier,
     log,
-    measure_side_by_side,
     pruning_options,
     save_config,
     setup_environment,
-    val_accuracy,
     work_device,
 )
+from nvit_lightning.errors import cli_errors
+from nvit_lightning.export import onnx_mode
+from nvit_lightning.finish import finish_pruning, finish_sparsity
+from nvit_lightning.measure import calibration_batches, describe_model, describe_sparse, val_accuracy
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.oneshot import prune_one_shot, recover, search_and_refit, snapshot_path
 from nvit_lightning.pruning import Criterion, GlobalPruner, build_pruning
+from nvit_lightning.pruning.none import is_no_pruning
 from nvit_lightning.pruning.reconstruct import Reconstruction
-from nvit_lightning.report import summary_table, write_report, write_sparsity_report
+from nvit_lightning.report import history_record
+from nvit_lightning.sparsity.distill import distill_sparse, sparse_distillation
+from nvit_lightning.sweep import metric_value
 
 
 def load_train_checkpoint(path: str) -> PrunableViT:
@@ -72,15 +73,21 @@ def prune(cfg: DictConfig) -> dict:
     """Structural pruning to `pruner.target` (and `pruner.snapshots`): the NViT saliency ranking in
     events (`pruner=oneshot | hessian | taylor | ...`) or the latency search (`pruner=obs_search`)."""
     out_dir = Path(cfg.paths.output_dir)
+    if is_no_pruning(cfg.pruner):
+        raise ValueError("pruner=none prunes nothing: prune.py needs a pruner (obs_search, oneshot, ovit, ...); "
+                         "to fine-tune without pruning use python train.py pruner=none")
     search = build(cfg.pruner) if is_latency_search(cfg.pruner) else None  # bad options fail first
     datamodule, model, latency_model = build_run(cfg)
+    if search is not None:
+        search.check(model, latency_model)  # an unreachable target: before the dense evaluation
     dense_model = copy.deepcopy(model).eval()  # the reference: before any pruning hook is attached
     if search is None:
         _, criterion, pruner = build_pruning(model, latency_model, **pruning_options(cfg.pruner))
-    reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
+    reconstruction = build(cfg.reconstruction) if cfg.reconstruction else None
     save_config(cfg, out_dir)
     device = work_device(cfg)
-    dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=False)
+    dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=True)
+    loggers = build_all(cfg.logger)
 
     needed = max(cfg.calib_batches, cfg.rescore_batches, reconstruction.batches if reconstruction else 0)
     batches = list(datamodule.calib_dataloader(needed))  # decoded once, reused by every pass
@@ -96,22 +103,15 @@ def prune(cfg: DictConfig) -> dict:
     compact = compacts[float(cfg.pruner.target)]
     if cfg.recovery_steps > 0:
         d = cfg.distill
-        trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=False,
+        trainer = build(cfg.trainer, max_steps=cfg.recovery_steps, max_epochs=-1, logger=loggers or False,
                         enable_checkpointing=False)
         compact = recover(compact, dense_model, datamodule, trainer, build(cfg.schedule.finetune_optimizer),
                           d.kl_weight, d.temperature, d.label_smoothing, cfg.max_nonfinite_skips)
-    compact.save_pretrained(out_dir / "model")
-    pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
-    timing = measure_side_by_side(dense_model, compact, latency_model, cfg)
-    report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, method["criterion"],
-                          method["eta"], latency_model, timing=timing, snapshots=snapshots, events=len(history),
-                          calib_batches=cfg.calib_batches, rescore=cfg.rescore and search is None,
-                          recovery_steps=cfg.recovery_steps,
+    return finish_pruning(cfg, compact, dense, dense_model, latency_model, datamodule, loggers, method["criterion"],
+                          method["eta"], snapshots, history, others=compacts, calib_batches=cfg.calib_batches,
+                          rescore=cfg.rescore and search is None, recovery_steps=cfg.recovery_steps,
                           pruner=OmegaConf.to_container(cfg.pruner, resolve=True),
-                          reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruct else None)
-    (out_dir / "pruning_history.json").write_text(json.dumps(history, indent=1))
-    print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
-    return report
+                          reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruction else None)
 
 
 def _prune_by_saliency(cfg: DictConfig, model: PrunableViT, dense_model: PrunableViT, pruner: GlobalPruner,
@@ -127,8 +127,7 @@ def _prune_by_saliency(cfg: DictConfig, model: PrunableViT, dense_model: Prunabl
 
     events = prune_one_shot(model, dense_model, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches,
                             cfg.rescore, reconstruction, on_target, lambda e: log.info(e.summary()), device)
-    history = [{"event": e.index, "latency_ratio": e.ratio_after, "pruned": e.pruned, "dims": e.dims.to_dict()}
-               for e in events]
+    history = [history_record(e, model) for e in events]
     return compacts, history
 
 
@@ -139,6 +138,8 @@ def sparsify(cfg: DictConfig) -> dict:
     if cfg.recovery_steps > 0:
         raise ValueError("recovery_steps works with structural pruning only: a plain fine-tune would refill "
                          "the zeros of a sparse model (set recovery_steps=0)")
+    reconstruction = build(cfg.reconstruction) if cfg.reconstruction else None
+    distillation = sparse_distillation(reconstruction)  # the refit of whole layers does not apply
     datamodule, model, _ = build_run(cfg)
     dense = model.compact().eval()  # mask-free: dead structures are gone, not counted as zeros
     save_config(cfg, out_dir)
@@ -146,26 +147,40 @@ def sparsify(cfg: DictConfig) -> dict:
     report_dense = {"params": dense.num_params(), **val_accuracy(dense, datamodule, cfg, "dense")}
     levels = []
     for level, sparse in sparsifier(dense, calibration_batches(sparsifier, datamodule)).items():
+        extra = {}
+        if distillation is not None:  # the same images as the structured reconstruction's
+            extra["before_reconstruction"] = val_accuracy(sparse, datamodule, cfg, f"sparsity {level:.2f}, before")
+            extra["distillation"] = distill_sparse(distillation, sparse, dense,
+                                                   datamodule.calib_dataloader(reconstruction.batches),
+                                                   list(sparsifier.layers(sparse)), work_device(cfg))
         path = sparse.save_pretrained(out_dir / "sparse" / f"sparsity_{level:.2f}")
-        levels.append(describe_sparse(sparse, sparsifier, level, path, datamodule, cfg))
-    return write_sparsity_report(out_dir / "report.json", report_dense, levels, sparsifier.name,
-                                 sparsifier.pattern, sparsifier.distribution,
-                                 OmegaConf.to_container(cfg.pruner, resolve=True))
+        levels.append({**describe_sparse(sparse, sparsifier, level, path, datamodule, cfg), **extra})
+        if distillation is not None:  # runs take minutes per level: each level's result as it comes
+            print(f"sparsity {level:.2f}: top-1 {extra['before_reconstruction'].get('top1')} ({sparsifier.name} "
+                  f"alone) -> {levels[-1].get('top1')} with block distillation ({extra['distillation']['seconds']} s)",
+                  flush=True)
+    return finish_sparsity(cfg, report_dense, levels, sparsifier.name, sparsifier.pattern, sparsifier.distribution,
+                           build_all(cfg.logger),
+                           reconstruction=OmegaConf.to_container(cfg.reconstruction) if distillation else None)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="prune")
 @cli_errors
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
     if cfg.mode == "export":
         export(cfg)
+    elif cfg.mode == "onnx":
+        onnx_mode(cfg)
     elif cfg.mode == "prune":
-        sparsify(cfg) if is_sparsifier(cfg.pruner) else prune(cfg)
+        report = sparsify(cfg) if is_sparsifier(cfg.pruner) else prune(cfg)
+        return metric_value(report, cfg.get("optimized_metric"))  # what a sweeper (Optuna) optimises
     else:
         _bad_mode(cfg.mode)
+    return None
 
 
 def _bad_mode(mode: str) -> None:
-    raise ValueError(f"unknown mode '{mode}': use mode=prune or mode=export")
+    raise ValueError(f"unknown mode '{mode}': use mode=prune, mode=export or mode=onnx")
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ compaction, then fine-tuning of the compact model (stage 2).
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import hydra
@@ -20,27 +19,26 @@ from nvit_lightning.app import (
     build,
     build_all,
     build_run,
-    calibration_batches,
-    cli_errors,
     config_dir,
-    describe_model,
-    describe_sparse,
     is_latency_search,
     is_rank_zero,
     is_sparsifier,
     log,
-    measure_side_by_side,
     save_config,
     setup_environment,
-    val_accuracy,
     work_device,
 )
 from nvit_lightning.build import build_cnn_teacher
-from nvit_lightning.callbacks import ArchitectureReport, GlobalPruning, InterruptCheckpoint, SparsitySweep
+from nvit_lightning.callbacks import GlobalPruning, InterruptCheckpoint, SparsitySweep
+from nvit_lightning.errors import cli_errors
+from nvit_lightning.finish import finish_pruning, finish_sparsity
+from nvit_lightning.measure import calibration_batches, describe_model, describe_sparse, val_accuracy
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
 from nvit_lightning.oneshot import search_and_refit, snapshot_path
-from nvit_lightning.report import summary_table, write_report, write_sparsity_report
+from nvit_lightning.pruning.none import check_teacher, is_no_pruning
+from nvit_lightning.sparsity.distill import sparse_distillation
+from nvit_lightning.sweep import metric_value
 from nvit_lightning.timing import prunable_spec
 
 
@@ -91,28 +89,37 @@ def train(cfg: DictConfig) -> dict:
     if is_sparsifier(cfg.pruner):
         return sparsity_sweep(cfg)
     search = build(cfg.pruner) if is_latency_search(cfg.pruner) else None  # bad options fail first
+    no_pruning = build(cfg.pruner) if is_no_pruning(cfg.pruner) else None  # pruner=none: stage 2 alone
+    if no_pruning is not None:
+        check_teacher(cfg.model, cfg.distill.kl_weight)
     if search is not None and cfg.ckpt_path is not None:
         raise ValueError("ckpt_path resumes the pruning-while-training stage; pruner=obs_search prunes in one "
                          "shot (minutes) and has no stage-1 checkpoint: run again without ckpt_path")
     datamodule, model, latency_model = build_run(cfg)
+    if search is not None:
+        search.check(model, latency_model)  # an unreachable target: before the dense evaluation
     dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
-    reconstruction = build(cfg.reconstruction) if cfg.reconstruct else None
-    if search is None:
+    reconstruction = build(cfg.reconstruction) if cfg.reconstruction else None
+    if search is None and no_pruning is None:
         pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"),
                                 reconstruction=reconstruction, **cfg.pruner)
         pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
     if is_rank_zero():
         save_config(cfg, out_dir)
         log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
-        dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=False)
+        dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=True)
 
-    loggers = build_all(cfg.logger) or False
-    if search is None:
+    loggers = build_all(cfg.logger)
+    if no_pruning is not None:
+        # ---- no stage 1 (pruner=none): the model as it is; a distillation teacher would be its start ----
+        compact, step, history, snapshots, others = no_pruning(model).compact(), 0, [], {}, {}
+        teacher = copy.deepcopy(compact).eval()
+    elif search is None:
         # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ------
         module = make_module(cfg, model, "prune")
-        callbacks = [pruning, ArchitectureReport(str(out_dir)), *build_all(cfg.callbacks)]
+        callbacks = [pruning, *build_all(cfg.callbacks)]
         trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
-                        logger=loggers)
+                        logger=loggers or False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
         if not pruning.done:
             raise ValueError(f"pruning stopped at {pruning.pruner.latency_ratio():.3f} of the dense latency, "
@@ -120,6 +127,7 @@ def train(cfg: DictConfig) -> dict:
                              f"pruner.groups_per_event, and resume with hydra.run.dir=<run> ckpt_path=last")
         compact, teacher, step = module.student.compact(), module.teacher, trainer.global_step
         snapshots, history = pruning.snapshots, pruning.history
+        others = {t: PrunableViT.from_pretrained(path) for t, path in snapshots.items()} if is_rank_zero() else {}
     else:
         # ---- stage 1, one shot: latency search on calibration images, refit to the dense model -------
         teacher = copy.deepcopy(model).eval()
@@ -131,6 +139,7 @@ def train(cfg: DictConfig) -> dict:
                                     progress=is_rank_zero())
         compact, step, history = compacts[search.target], 0, []
         snapshots = {t: str(snapshot_path(out_dir / "snapshots", t)) for t in compacts}
+        others = compacts
 
     # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
     if cfg.schedule.finetune_epochs > 0:
@@ -140,21 +149,17 @@ def train(cfg: DictConfig) -> dict:
         for callback in callbacks:  # stage-2 checkpoints must not overwrite stage 1's (resumable) ones
             if isinstance(callback, ModelCheckpoint | InterruptCheckpoint):
                 callback.dirpath = str(finetune_dir)
-        trainer = build(cfg.trainer, max_epochs=cfg.schedule.finetune_epochs, logger=loggers, callbacks=callbacks)
+        trainer = build(cfg.trainer, max_epochs=cfg.schedule.finetune_epochs, logger=loggers or False,
+                        callbacks=callbacks)
         trainer.fit(finetune, datamodule=datamodule, ckpt_path=finetune_resume_path(cfg.ckpt_path, finetune_dir))
         compact = finetune.student
 
     if not is_rank_zero():
         return {}
-    compact.save_pretrained(out_dir / "model")
-    pruned = describe_model(compact, latency_model, datamodule, cfg, "pruned", with_dims=True)
-    timing = measure_side_by_side(dense_arch, compact, latency_model, cfg)
-    method = (search.name, None) if search is not None else (cfg.pruner.criterion, cfg.pruner.eta)
-    report = write_report(out_dir / "report.json", dense, pruned, cfg.pruner.target, *method, latency_model,
-                          timing=timing, snapshots=snapshots, events=len(history))
-    (out_dir / "pruning_history.json").write_text(json.dumps(history, indent=1))
-    print(f"\n{summary_table(report)}\n\ncompact model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}")
-    return report
+    named = search or no_pruning  # the one-shot pruners name themselves
+    method = (named.name, None) if named is not None else (cfg.pruner.criterion, cfg.pruner.eta)
+    return finish_pruning(cfg, compact, dense, dense_arch, latency_model, datamodule, loggers, *method, snapshots,
+                          history, others=others)
 
 
 def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
@@ -166,16 +171,21 @@ def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
         raise ValueError(f"pruner={cfg.pruner._target_.rsplit('.', 1)[-1]} in train.py runs a sparsity sweep: "
                          f"use +experiment=ovit_sweep (or python prune.py pruner=... for one-shot sparsity)")
     sparsifier = build(cfg.pruner)
+    distillation = sparse_distillation(build(cfg.reconstruction) if cfg.reconstruction else None)
     datamodule, model, _ = build_run(cfg)
     model = model.compact()
     sweep = SparsitySweep(sparsifier, calibration_batches(sparsifier, datamodule), cfg.sweep.steps_per_level,
-                          save_dir=str(out_dir / "sparse"), checkpoint_dir=str(out_dir / "checkpoints"))
+                          save_dir=str(out_dir / "sparse"), checkpoint_dir=str(out_dir / "checkpoints"),
+                          distillation=distillation, reference=copy.deepcopy(model).eval() if distillation else None,
+                          distill_batches=datamodule.calib_dataloader(cfg.reconstruction.batches) if distillation
+                          else None)
     if is_rank_zero():
         save_config(cfg, out_dir)
         dense = {"params": model.num_params(), **val_accuracy(model, datamodule, cfg, "dense")}
     module = make_module(cfg, model, "sweep")
+    loggers = build_all(cfg.logger)
     trainer = build(cfg.trainer, max_steps=max_steps or sweep.total_steps, max_epochs=-1,
-                    logger=build_all(cfg.logger) or False, callbacks=[sweep, *build_all(cfg.callbacks)])
+                    logger=loggers or False, callbacks=[sweep, *build_all(cfg.callbacks)])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
     if not sweep.done:
         raise ValueError(f"the sweep stopped after {sorted(sweep.saved)} of {sweep.levels}: resume with "
@@ -184,16 +194,14 @@ def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
         return {}
     levels = [describe_sparse(PrunableViT.from_pretrained(path), sparsifier, level, path, datamodule, cfg)
               for level, path in sorted(sweep.saved.items())]
-    return write_sparsity_report(out_dir / "report.json", dense, levels, f"{sparsifier.name} sweep",
-                                 sparsifier.pattern, sparsifier.distribution,
-                                 OmegaConf.to_container(cfg.pruner, resolve=True),
-                                 steps_per_level=cfg.sweep.steps_per_level)
+    return finish_sparsity(cfg, dense, levels, f"{sparsifier.name} sweep", sparsifier.pattern,
+                           sparsifier.distribution, loggers, steps_per_level=cfg.sweep.steps_per_level)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @cli_errors
-def _main(cfg: DictConfig) -> None:
-    train(cfg)
+def _main(cfg: DictConfig) -> float | None:
+    return metric_value(train(cfg), cfg.get("optimized_metric"))  # what a sweeper (Optuna) optimises
 
 
 def main() -> None:

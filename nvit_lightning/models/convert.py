@@ -74,12 +74,14 @@ def from_timm_state_dict(state_dict: dict[str, Tensor], num_heads: int, masked: 
 
 def from_timm(source: nn.Module | str | dict[str, Tensor], checkpoint_path: str | Path | None = None,
               pretrained: bool = False, num_heads: int | None = None, masked: bool = True,
-              num_classes: int | None = None, **model_kwargs: object) -> PrunableViT:
+              num_classes: int | None = None, timm_kwargs: dict | None = None,
+              **model_kwargs: object) -> PrunableViT:
     """A PrunableViT with the weights of a timm VisionTransformer / DeiT, computing the same function.
 
     `source` is a timm model, a timm model name (weights from `checkpoint_path`, or from the hub with
     `pretrained=True`, which needs the network), or a timm-layout DeiT state dict (then `num_heads` is
     required). `num_classes` different from the source's gives a new classifier (`reset_classifier`).
+    `timm_kwargs` go to `timm.create_model` with a name (e.g. `img_size`, or `depth` for a small test).
     Extra keyword arguments (e.g. `drop_path_rate`) go to PrunableViT. A timm feature PrunableViT
     does not reproduce is refused with one ValueError naming it (`unsupported_features`).
     """
@@ -89,7 +91,7 @@ def from_timm(source: nn.Module | str | dict[str, Tensor], checkpoint_path: str 
         if not timm.is_model(source):
             raise ValueError(f"unknown timm model '{source}' (see timm.list_models('deit*'))")
         state = load_state_dict_file(checkpoint_path) if checkpoint_path else None
-        source_model = timm.create_model(source, pretrained=pretrained and state is None)
+        source_model = timm.create_model(source, pretrained=pretrained and state is None, **dict(timm_kwargs or {}))
         if state is not None:
             try:
                 source_model.load_state_dict(state, strict=True)

@@ -290,12 +290,15 @@ class FlopsLatency(LatencyModel):
 
     def __init__(self, tokens: int = 197, num_classes: int = 1000, patch_size: int = 16, in_chans: int = 3,
                  ms_per_gmac: float = 1.0, distilled: bool = False, device: str = "cpu",
-                 dtype: str = "float32", batch_size: int = 1, num_threads: int | None = None) -> None:
+                 dtype: str = "float32", batch_size: int = 1, num_threads: int | None = None,
+                 prefix_tokens: int | None = None) -> None:
         self.timing = TimingSetup(device, dtype, batch_size, num_threads)
         self.tokens, self.num_classes = tokens, num_classes
         self.patch_size, self.in_chans = patch_size, in_chans
         self.ms_per_gmac, self.distilled = ms_per_gmac, distilled
-        self.num_patches = tokens - (2 if distilled else 1)
+        # class / distillation / register tokens; the default is DeiT's
+        self.prefix_tokens = prefix_tokens if prefix_tokens is not None else 2 if distilled else 1
+        self.num_patches = tokens - self.prefix_tokens
         if self.num_patches < 1:
             raise ValueError(f"FlopsLatency: tokens={tokens} leaves no patch tokens")
 
@@ -307,7 +310,8 @@ class FlopsLatency(LatencyModel):
     def base_latency(self, emb: int) -> float:
         # the non-block MACs of a one-block model: its total minus its single block
         dims = ViTDims(emb, (1,), (1,), (1,), (1,))
-        base = dims.macs(self.num_classes, self.patch_size, self.in_chans, self.num_patches, self.distilled)
+        base = dims.macs(self.num_classes, self.patch_size, self.in_chans, self.num_patches, self.distilled,
+                         self.prefix_tokens)
         base -= dims.block_macs(0, self.tokens)
         return base * self.ms_per_gmac / 1e9
 

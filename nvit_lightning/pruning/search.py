@@ -156,21 +156,28 @@ class LatencySearch:
         return blocks
 
     # ---- pruning ---------------------------------------------------------------------------------------
+    def check(self, model: PrunableViT, latency_model: LatencyModel) -> None:
+        """Refuse a model the search cannot prune, or a target below the latency that the fewest
+        heads and MLP neurons leave (the floor): callers run it before any other work."""
+        if not model.masked:
+            raise ValueError("the latency search prunes a masked PrunableViT: call model.with_masks() first")
+        dims = model.live_dims()
+        smallest = ViTDims(dims.emb, [min(h, self.group_sizes["head"]) for h in dims.heads], dims.qk, dims.v,
+                           [min(m, self.group_sizes["mlp"]) for m in dims.mlp])
+        floor = latency_model.model_latency(smallest) / latency_model.model_latency(dims)
+        if min(self.targets) < floor:
+            raise UnreachableTargetError(
+                f"latency target {min(self.targets)} is unreachable: removing heads and MLP neurons alone "
+                f"(group sizes {self.group_sizes}) leaves at least {floor:.3f} of the dense latency "
+                f"(pruner.target >= {floor:.3f}, or a smaller pruner.group_sizes)")
+
     def __call__(self, model: PrunableViT, latency_model: LatencyModel, batches: Sequence[Sequence[Tensor]],
                  device: str | torch.device = "cpu", progress: bool = True) -> dict[float, PrunableViT]:
         """A pruned (masked, not refit) copy of `model` per target, from calibration `batches` of
         (images, labels); `model` is left untouched."""
-        if not model.masked:
-            raise ValueError("the latency search prunes a masked PrunableViT: call model.with_masks() first")
+        self.check(model, latency_model)  # before any statistics are collected
         dims = model.live_dims()
         dense_latency = latency_model.model_latency(dims)
-        smallest = ViTDims(dims.emb, [min(h, self.group_sizes["head"]) for h in dims.heads], dims.qk, dims.v,
-                           [min(m, self.group_sizes["mlp"]) for m in dims.mlp])
-        floor = latency_model.model_latency(smallest) / dense_latency
-        if min(self.targets) < floor:  # before any statistics are collected
-            raise UnreachableTargetError(
-                f"latency target {min(self.targets)} is unreachable: removing heads and MLP neurons alone "
-                f"(group sizes {self.group_sizes}) leaves at least {floor:.3f} of the dense latency")
         traces = self.traces(model, batches, device, progress)
         blocks = self.options(model, latency_model, traces)
         base = latency_model.base_latency(dims.emb)
