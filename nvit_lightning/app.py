@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from . import runlock
 from .errors import USER_ERRORS
 from .models import PrunableViT
 from .module import check_training_options
@@ -44,6 +46,20 @@ def is_checkout() -> bool:
 def config_dir() -> Path:
     """The Hydra configs: a source checkout's conf/, else the copy `pip install .` ships in the package."""
     return CHECKOUT_DIR / "conf" if is_checkout() else PACKAGE_DIR / "conf"
+
+
+def lock_explicit_run_dir(argv: list[str]) -> None:
+    """`hydra.run.dir=<dir>` on the command line: hold that run dir before Hydra writes into it (its
+    `.hydra/` and log), so a second run into a busy dir stops with one line and changes nothing."""
+    if "-m" in argv or "--multirun" in argv or not is_rank_zero():
+        return
+    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if run_dirs:
+        try:
+            runlock.acquire(run_dirs[-1])
+        except (runlock.RunDirLockedError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 def setup_environment() -> None:
@@ -230,6 +246,8 @@ def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
     check_distill_config(cfg)
     check_trainer_config(cfg)
     make_output_dir(cfg.paths.output_dir)
+    if is_rank_zero():  # DDP's other ranks run in the same dir by design
+        runlock.acquire(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.data.get("img_size") is None:  # e.g. data=synthetic: images of the model's own input size
         model = build(cfg.model)

@@ -260,3 +260,33 @@ def test_prune_with_pruner_none_is_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2 and "python train.py pruner=none" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "report.json").exists()
+
+
+def test_a_second_run_into_a_busy_run_dir_stops_and_changes_nothing(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom nvit_lightning.runlock import acquire\n"
+                               "acquire(sys.argv[1]); print('locked', flush=True); time.sleep(120)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (tmp_path / "report.json").write_text("the first run's")
+        before = sorted(p.name for p in tmp_path.iterdir())
+        result = subprocess.run([sys.executable, str(ROOT / "prune.py"), *OBS, f"hydra.run.dir={tmp_path}"],
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and f"in use by another run (PID {holder.pid}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .hydra/, no log, nothing rewritten
+    assert (tmp_path / "report.json").read_text() == "the first run's"
+
+
+def test_a_stale_run_dir_lock_is_taken_over(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": __import__("socket").gethostname(),
+                                                    "started": "2026-01-01 00:00:00"}))
+    result = subprocess.run([sys.executable, str(ROOT / "prune.py"), *OBS, "pruner.target=0.8",
+                             f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"PID {int(dead.stdout)}" in result.stderr and "taking it over" in result.stderr
+    assert (tmp_path / "report.json").is_file() and not (tmp_path / ".run.lock").exists()  # released at exit

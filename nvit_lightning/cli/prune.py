@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,7 @@ from nvit_lightning.app import (
     config_dir,
     is_latency_search,
     is_sparsifier,
+    lock_explicit_run_dir,
     log,
     pruning_options,
     save_config,
@@ -186,4 +188,5 @@ def _bad_mode(mode: str) -> None:
 def main() -> None:
     """`nvit-prune` and `python prune.py`: Hydra overrides from the command line."""
     setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
+    lock_explicit_run_dir(sys.argv[1:])
     _main()

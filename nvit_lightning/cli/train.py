@@ -9,6 +9,7 @@ compaction, then fine-tuning of the compact model (stage 2).
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,7 @@ from nvit_lightning.app import (
     is_latency_search,
     is_rank_zero,
     is_sparsifier,
+    lock_explicit_run_dir,
     log,
     save_config,
     setup_environment,
@@ -207,4 +209,5 @@ def _main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """`nvit-train` and `python train.py`: Hydra overrides from the command line."""
     setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
+    lock_explicit_run_dir(sys.argv[1:])
     _main()
