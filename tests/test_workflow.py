@@ -8,6 +8,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +52,16 @@ def wandb_run(out_dir: Path) -> Path:
 
 def wandb_records(run_dir: Path) -> dict[str, Any]:
     """What an offline W&B run recorded (its `run-<id>.wandb` file: W&B's 7-byte header, then
-    LevelDB-log blocks of protobuf records): the config, the summary and the artifacts."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = next(run_dir.glob("run-*.wandb")).read_bytes()
-    block, pos, chunk = 32768, 7, b""
-    out: dict[str, Any] = {"config": {}, "summary": {}, "artifacts": []}
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a record header is padding
-            pos += block - pos % block
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        if length == kind == 0:
+    LevelDB-log blocks of protobuf records): the config, the summary and the artifacts. W&B's
+    service process may still be writing the file's last records when `run.finish()` returns, so it
+    is read again until its exit record is there."""
+    for _ in range(40):
+        records, complete = _read_wandb_log(next(run_dir.glob("run-*.wandb")).read_bytes())
+        if complete:
             break
-        chunk += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind not in (1, 4):  # FIRST / MIDDLE fragments of a record that goes on
-            continue
-        record = pb.Record()
-        record.ParseFromString(chunk)
-        chunk = b""
+        time.sleep(0.5)
+    out: dict[str, Any] = {"config": {}, "summary": {}, "artifacts": []}
+    for record in records:
         which = record.WhichOneof("record_type")
         if which == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
@@ -80,6 +71,29 @@ def wandb_records(run_dir: Path) -> dict[str, Any]:
         elif which == "artifact":
             out["artifacts"].append((record.artifact.name, record.artifact.type))
     return out
+
+
+def _read_wandb_log(data: bytes) -> tuple[list[Any], bool]:
+    """The whole records of a W&B log, and whether it ends with the run's exit record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    block, pos, chunk, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if length == kind == 0 or pos + 7 + length > len(data):  # the end, or a record still being written
+            break
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):  # FIRST / MIDDLE fragments of a record that goes on
+            continue
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        records.append(record)
+        chunk = b""
+    return records, any(r.WhichOneof("record_type") == "exit" for r in records)
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
