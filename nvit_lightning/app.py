@@ -24,6 +24,7 @@ from .models import PrunableViT
 from .module import check_training_options
 from .pruning import build_pruning
 from .pruning.latency import LatencyModel
+from .pruning.none import NoPruning
 from .pruning.search import LatencySearch
 from .sparsity import Sparsifier
 
@@ -136,6 +137,12 @@ def is_sparsifier(pruner: DictConfig) -> bool:
     """`pruner=ovit | woodfisher | global_magnitude`: unstructured / N:M sparsity."""
     cls = _pruner_class(pruner)
     return cls is not None and issubclass(cls, Sparsifier)
+
+
+def is_no_pruning(pruner: DictConfig) -> bool:
+    """`pruner=none`: no pruning, train.py's stage 2 alone (`pruning.none.NoPruning`)."""
+    cls = _pruner_class(pruner)
+    return cls is not None and issubclass(cls, NoPruning)
 
 
 def is_latency_search(pruner: DictConfig) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from .plots import plot_accuracy_latency
 from .tracking import COLUMNS, accuracy_latency_points, report_rows
-
-log = logging.getLogger("nvit_lightning")
 
 SUMMARY_COLUMNS = ("job", "overrides", "status", "error", *COLUMNS)
 

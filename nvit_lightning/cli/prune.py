@@ -22,6 +22,7 @@ from nvit_lightning.app import (
     build_run,
     config_dir,
     is_latency_search,
+    is_no_pruning,
     is_sparsifier,
     lock_explicit_run_dir,
     log,
@@ -37,7 +38,6 @@ from nvit_lightning.measure import calibration_batches, describe_model, describe
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.oneshot import prune_one_shot, recover, search_and_refit, snapshot_path
 from nvit_lightning.pruning import Criterion, GlobalPruner, build_pruning
-from nvit_lightning.pruning.none import is_no_pruning
 from nvit_lightning.pruning.reconstruct import Reconstruction
 from nvit_lightning.report import history_record
 from nvit_lightning.sparsity.distill import distill_sparse, sparse_distillation

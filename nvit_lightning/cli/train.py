@@ -22,6 +22,7 @@ from nvit_lightning.app import (
     build_run,
     config_dir,
     is_latency_search,
+    is_no_pruning,
     is_rank_zero,
     is_sparsifier,
     lock_explicit_run_dir,
@@ -38,7 +39,7 @@ from nvit_lightning.measure import calibration_batches, describe_model, describe
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
 from nvit_lightning.oneshot import search_and_refit, snapshot_path
-from nvit_lightning.pruning.none import check_teacher, is_no_pruning
+from nvit_lightning.pruning.none import check_teacher
 from nvit_lightning.sparsity.distill import sparse_distillation
 from nvit_lightning.sweep import metric_value
 from nvit_lightning.timing import prunable_spec

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hydra.utils import get_class
-
 from ..models import PrunableViT
 
 
@@ -28,12 +26,6 @@ class NoPruning:
 
     def __call__(self, model: PrunableViT) -> PrunableViT:
         return model
-
-
-def is_no_pruning(pruner: Mapping[str, Any]) -> bool:
-    """Whether a `pruner` config selects `NoPruning` (its `_target_`, not its name, decides)."""
-    target = pruner.get("_target_")
-    return target is not None and issubclass(get_class(str(target)), NoPruning)
 
 
 def check_teacher(model_cfg: Mapping[str, Any], kl_weight: float) -> None:
