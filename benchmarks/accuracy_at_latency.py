@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from nvit_lightning.app import build, build_run, is_latency_search, pruning_options, setup_environment
+from nvit_lightning.app import build, build_run, setup_environment
 from nvit_lightning.evaluation import evaluate
 from nvit_lightning.models import PrunableViT, from_timm
-from nvit_lightning.oneshot import prune_one_shot, recover
-from nvit_lightning.pruning import Structure, build_pruning
+from nvit_lightning.oneshot import recover
+from nvit_lightning.pruning import Structure
 from nvit_lightning.timing import paired_ratio, prunable_spec, time_in_fresh_process, timm_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,17 +72,10 @@ def load_setup(overrides: list[str]):
 def our_candidates(overrides: list[str], grid: list[float], batches: Batches) -> dict[float, dict]:
     """Masks at every predicted-latency target of `grid`, from one pruning run with this variant."""
     cfg, _, dense, latency_model = load_setup(overrides)
-    model = copy.deepcopy(dense)
-    if is_latency_search(cfg.pruner):  # one set of traces serves every target
-        search = build(cfg.pruner, target=min(grid), snapshots=[t for t in grid if t != min(grid)])
-        pruned = search(model, latency_model, batches[: cfg.calib_batches])
-        return {t: _masks(m) for t, m in pruned.items()}
-    options = {**pruning_options(cfg.pruner), "targets": grid}
-    _, criterion, pruner = build_pruning(model, latency_model, **options)
-    masks: dict[float, dict] = {}
-    prune_one_shot(model, dense, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches, cfg.rescore,
-                   reconstruction=None, on_target=lambda t, m: masks.__setitem__(t, _masks(m)))
-    return masks
+    # every pruner: one call serves every target (the search's traces, the ranking's events)
+    pruner = build(cfg.pruner, target=min(grid), snapshots=[t for t in grid if t != min(grid)])
+    pruned = pruner(dense, latency_model, batches[: cfg.calib_batches])
+    return {t: _masks(m) for t, m in pruned.items()}
 
 
 def _masks(model: PrunableViT) -> dict:
@@ -172,7 +165,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t_start = time.time()
     cfg, datamodule, dense, latency_model = load_setup([])
-    needed = max(cfg.calib_batches, cfg.rescore_batches, cfg.reconstruction.batches)
+    needed = max(cfg.calib_batches, cfg.reconstruction.batches)
     batches = list(datamodule.calib_dataloader(needed))
     val = list(datamodule.val_dataloader())[: args.val_batches]
     dense_lut = latency_model.model_latency(dense.live_dims())

@@ -15,27 +15,24 @@ Goals (issue #5): LUT error <= 10 %, measured speed-up >= 0.9 x the LUT's predic
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
 from accuracy_at_latency import load_setup
 
-from nvit_lightning.app import pruning_options, setup_environment
-from nvit_lightning.oneshot import prune_one_shot
-from nvit_lightning.pruning import FlopsLatency, build_pruning
+from nvit_lightning.app import build, setup_environment
+from nvit_lightning.pruning import FlopsLatency
 from nvit_lightning.timing import prunable_spec, time_in_fresh_process
 
 
 def rows_for_batch(batch: int, args: argparse.Namespace) -> list[dict]:
     cfg, datamodule, dense, table = load_setup([f"latency=deit_tiny_cpu_b{batch}", "reconstruction=none"])
-    batches = list(datamodule.calib_dataloader(max(cfg.calib_batches, cfg.rescore_batches)))
-    model = copy.deepcopy(dense)
-    _, criterion, pruner = build_pruning(model, table, **{**pruning_options(cfg.pruner), "targets": args.targets})
+    batches = list(datamodule.calib_dataloader(cfg.calib_batches))
+    targets = sorted(args.targets)
+    pruner = build(cfg.pruner, target=targets[0], snapshots=targets[1:])
     specs = {"1.0": prunable_spec(dense)}
-    prune_one_shot(model, dense, pruner, criterion, batches, cfg.calib_batches, cfg.rescore_batches, cfg.rescore,
-                   on_target=lambda t, m: specs.__setitem__(f"{t}", prunable_spec(m)))
+    specs.update({f"{t}": prunable_spec(m) for t, m in pruner(dense, table, batches).items()})
     # every model in one fresh process, interleaved round by round (this machine's speed drifts)
     timing = time_in_fresh_process(specs, table.timing, rounds=args.rounds, repeats=args.repeats)
     flops = FlopsLatency()

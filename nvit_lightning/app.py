@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -14,19 +13,15 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from . import runlock
 from .errors import USER_ERRORS
 from .models import PrunableViT
-from .module import check_training_options
-from .pruning import build_pruning
 from .pruning.latency import LatencyModel
-from .pruning.none import NoPruning
-from .pruning.search import LatencySearch
-from .sparsity import Sparsifier
+from .validation import check_config, check_model_weights
 
 log = logging.getLogger("nvit_lightning")
 
@@ -122,79 +117,18 @@ def check_latency_model(latency_model: LatencyModel, model: PrunableViT) -> None
         raise ValueError(f"the latency model does not cover this model: {err}") from None
 
 
-def _pruner_class(pruner: DictConfig) -> type | None:
-    """The class of a `_target_` pruner config (its class checks its own options); None for the
-    structural pruner's options (`build_pruning`)."""
-    if "_target_" not in pruner:
-        return None
-    try:
-        return get_class(pruner._target_)
-    except ImportError as err:
-        raise ValueError(f"pruner._target_={pruner._target_} cannot be imported: {err}") from None
-
-
-def is_sparsifier(pruner: DictConfig) -> bool:
-    """`pruner=ovit | woodfisher | global_magnitude`: unstructured / N:M sparsity."""
-    cls = _pruner_class(pruner)
-    return cls is not None and issubclass(cls, Sparsifier)
-
-
-def is_no_pruning(pruner: DictConfig) -> bool:
-    """`pruner=none`: no pruning, train.py's stage 2 alone (`pruning.none.NoPruning`)."""
-    cls = _pruner_class(pruner)
-    return cls is not None and issubclass(cls, NoPruning)
-
-
-def is_latency_search(pruner: DictConfig) -> bool:
-    """`pruner=obs_search`: one-shot structured OBS + per-block width search (`pruning.search`)."""
-    cls = _pruner_class(pruner)
-    return cls is not None and issubclass(cls, LatencySearch)
-
-
-def check_pruner_config(cfg: DictConfig) -> None:
-    """Bad pruner values fail here, before any model or data is loaded."""
-    p = cfg.pruner
-    if "_target_" in p:
-        return
-    known = set(inspect.signature(build_pruning).parameters) - {"model", "latency_model", "targets"}
-    unknown = sorted(set(p) - known - {"target", "snapshots", "interval"})
-    if unknown:
-        raise ValueError(f"unknown pruner key(s) {unknown}; the pruner takes "
-                         f"{sorted(known | {'target', 'snapshots', 'interval'})}")
-    for key in ("target", "eta"):
-        _number(p[key], f"pruner.{key}")
-    for t in p.snapshots:
-        _number(t, "pruner.snapshots")
-    for t in [p.target, *p.snapshots]:
-        if not 0.0 < float(t) < 1.0:
-            raise ValueError(f"latency targets must lie strictly between 0 and 1 (pruner.target, "
-                             f"pruner.snapshots), got {t}")
-    if float(p.eta) < 0:
-        raise ValueError(f"pruner.eta must be >= 0, got {p.eta}")
-    if any(float(t) <= float(p.target) for t in p.snapshots):
-        raise ValueError(f"pruner.snapshots {list(p.snapshots)} must all be above pruner.target {p.target}")
-
-
-def _number(value: Any, key: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a number, got {value!r}") from None
-
-
 def check_trainer_config(cfg: DictConfig) -> None:
-    """Devices the trainer cannot get, caught before the dense evaluation rather than after it."""
-    t = cfg.trainer
-    if str(t.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible: use trainer=cpu")
-    devices = t.get("devices")
-    if isinstance(devices, int) and (devices == 0 or devices < -1):
-        raise ValueError(f"trainer.devices must be a positive count, -1 (all) or 'auto', got {devices}")
+    """The trainer's values (`validation.py`: devices, precision, a GPU that is not there...), caught
+    before the dense evaluation rather than after it. The CLIs check the whole config at start-up
+    (`errors.cli_errors`); this covers `build_run` called directly."""
+    check_config(cfg, sections=("trainer",))
 
 
 def check_data_fits_model(datamodule: Any, model: PrunableViT) -> None:
     """Image size and labels the model cannot take, caught before any evaluation or training: more
-    labels than the head has, or named classes (class folders, the CIFAR-10 tar) of another count."""
+    labels than the head has, or named classes (class folders, the CIFAR-10 tar) of another count;
+    and a model with NaN / inf weights (a broken checkpoint), named by its first such tensor."""
+    check_model_weights(model)
     size = model.config.get("img_size")
     if getattr(datamodule, "img_size", size) != size:
         raise ValueError(f"data.img_size={datamodule.img_size} but the model takes {size}x{size} images: "
@@ -224,19 +158,20 @@ def make_output_dir(path: str | Path) -> Path:
     return path
 
 
+def check_teacher(cfg: DictConfig) -> None:
+    """The distillation teacher is the starting model: refuse KL (`distill.kl_weight > 0`) to it when
+    `model.num_classes` gives a loaded model a new, untrained head (its logits mean nothing)."""
+    new_head = cfg.model.get("num_classes") is not None and cfg.model.get("dims") is None
+    if cfg.distill.kl_weight > 0 and new_head:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} gives the loaded model a new, untrained head, "
+                         f"and the distillation teacher is that model: add distill=none, or fine-tune on the new "
+                         f"classes first and prune the fine-tuned model (docs/transfer.md)")
+
+
 def check_distill_config(cfg: DictConfig) -> None:
-    """The training-module options of both stages, checked at start-up rather than when each is built."""
-    d = cfg.distill
-    temperatures = {key: float(d[key]) for key in ("temperature", "finetune_temperature")}
-    check_training_options(float(d.kl_weight), temperatures, int(cfg.get("max_nonfinite_skips", 0)))
-
-
-def pruning_options(pruner: DictConfig) -> dict[str, Any]:
-    """`build_pruning` keyword arguments from the `pruner` config group (its `interval` is train.py's)."""
-    options = OmegaConf.to_container(pruner, resolve=True)
-    options["targets"] = [options.pop("target"), *options.pop("snapshots")]
-    options.pop("interval", None)
-    return options
+    """The training-module options of both stages (`distill.*`, `max_nonfinite_skips`; `validation.py`),
+    checked at start-up rather than when each is built."""
+    check_config(cfg, sections=("distill", "max_nonfinite_skips"))
 
 
 def work_device(cfg: DictConfig) -> str:
@@ -249,7 +184,6 @@ def work_device(cfg: DictConfig) -> str:
 
 def build_run(cfg: DictConfig) -> tuple[Any, PrunableViT, LatencyModel]:
     """Datamodule, model and latency model of a train/prune run, checked before any work starts."""
-    check_pruner_config(cfg)
     check_distill_config(cfg)
     check_trainer_config(cfg)
     make_output_dir(cfg.paths.output_dir)

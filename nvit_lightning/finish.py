@@ -5,7 +5,7 @@ summary table, and what the loggers get (`tracking.publish`)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ from .tracking import publish
 
 
 def finish_pruning(cfg: DictConfig, compact: PrunableViT, dense: dict[str, Any], dense_arch: PrunableViT | dict,
-                   latency_model: LatencyModel, datamodule: Any, loggers: Sequence[Any], criterion: str,
-                   eta: float | None, snapshots: dict[float, str], history: list[dict],
+                   latency_model: LatencyModel, datamodule: Any, loggers: Sequence[Any], method: Mapping[str, Any],
+                   snapshots: dict[float, str], history: list[dict],
                    others: dict[float, PrunableViT] | None = None, **extra: Any) -> dict:
     """Save, evaluate and time the pruned `compact` model (with the models of the other latency
     targets, `others`, when a run wrote several), and write every artefact of a structured run."""
@@ -34,7 +34,8 @@ def finish_pruning(cfg: DictConfig, compact: PrunableViT, dense: dict[str, Any],
         targets.append({"target": float(cfg.pruner.target), **{k: v for k, v in pruned.items() if k != "dims"}})
     timing = measure_side_by_side(dense_arch, compact, latency_model, cfg,
                                   others={target_name(t): m for t, m in others.items()})
-    report = write_report(out_dir / "report.json", dense, pruned, float(cfg.pruner.target), criterion, eta,
+    report = write_report(out_dir / "report.json", dense, pruned, float(cfg.pruner.target), method["criterion"],
+                          method.get("eta"),
                           latency_model, timing=timing, targets=targets, snapshots=snapshots, events=len(history),
                           **extra)
     (out_dir / "pruning_history.json").write_text(json.dumps(history, indent=1))
@@ -44,11 +45,13 @@ def finish_pruning(cfg: DictConfig, compact: PrunableViT, dense: dict[str, Any],
     return report
 
 
-def finish_sparsity(cfg: DictConfig, dense: dict[str, Any], levels: list[dict], method: str, pattern: str,
-                    distribution: str, loggers: Sequence[Any], **extra: Any) -> dict:
-    """report.json, the accuracy-sparsity plot and the loggers' share of a sparsity run."""
+def finish_sparsity(cfg: DictConfig, dense: dict[str, Any], levels: list[dict], method: Mapping[str, Any],
+                    loggers: Sequence[Any], **extra: Any) -> dict:
+    """report.json, the accuracy-sparsity plot and the loggers' share of a sparsity run (`method`: the
+    sparsifier's `describe()`)."""
     out_dir = Path(cfg.paths.output_dir)
-    report = write_sparsity_report(out_dir / "report.json", dense, levels, method, pattern, distribution,
+    report = write_sparsity_report(out_dir / "report.json", dense, levels, method["criterion"], method["pattern"],
+                                   method["distribution"],
                                    OmegaConf.to_container(cfg.pruner, resolve=True), **extra)
     publish(loggers, cfg, report, write_plots(report, out_dir))
     return report

@@ -4,7 +4,6 @@ latency, and the fresh-process timing of pruned, dense and timm's dense models s
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,10 @@ def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: 
     return model_entry(model, latency_model, None, val_accuracy(model, datamodule, cfg, name) or None, with_dims)
 
 
-def calibration_batches(sparsifier: Sparsifier, datamodule: Any) -> Any:
-    """The sparsifier's calibration images: `num_grads` of data.train's fixed random subset (eval
-    transform), the same images on every pass (a Fisher in chunks reads them twice)."""
-    num_grads = getattr(sparsifier, "num_grads", 0)
-    return datamodule.calib_dataloader(max(1, math.ceil(num_grads / datamodule.batch_size)))
+def calibration_data(datamodule: Any, num_batches: int) -> Any:
+    """`num_batches` batches of data.train's fixed random calibration subset (eval transform, the
+    same images on every pass; `Pruner.calibration_batches` says how many), none for 0."""
+    return datamodule.calib_dataloader(num_batches) if num_batches > 0 else []
 
 
 def describe_sparse(model: PrunableViT, sparsifier: Sparsifier, level: float, path: str | Path, datamodule: Any,

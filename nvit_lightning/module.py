@@ -111,6 +111,12 @@ class NViTModule(L.LightningModule):
     def enable_kl(self) -> None:
         self.kl_active = True
 
+    def setup(self, stage: str) -> None:
+        from .resume import keep_previous_checkpoints
+
+        if self._trainer is not None:  # every checkpoint file written keeps its previous version
+            keep_previous_checkpoints(self._trainer)
+
     def on_fit_start(self) -> None:
         self.student.train()  # Lightning keeps the modes it finds, and evaluation left it in eval
         for teacher in self._teacher + self._cnn_teacher:

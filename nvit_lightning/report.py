@@ -25,16 +25,6 @@ def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: fl
     return entry
 
 
-def history_record(event: Any, model: PrunableViT, step: int | None = None) -> dict[str, Any]:
-    """One entry of pruning_history.json, the same for every pipeline that prunes in events: the
-    latency and size after a `PruningEvent`, the units it removed per kind, and the dims. `step` is
-    the optimizer step of pruning while training; one-shot events have none."""
-    size = model.size_of(event.dims)
-    return {"event": event.index, **({"step": step} if step is not None else {}), "latency_ms": event.latency_after,
-            "latency_ratio": event.ratio_after, "params": size["params"], "macs": size["macs"],
-            **{f"pruned_{k}": n for k, n in event.pruned.items()}, "dims": event.dims.to_dict()}
-
-
 def write_report(path: str | Path, dense: dict, pruned: dict, target_latency: float, criterion: str,
                  eta: float, latency_model: LatencyModel, timing: dict | None = None,
                  targets: list[dict] | None = None, **extra: Any) -> dict:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from nvit_lightning.app import build, build_run, model_shape, setup_environment, work_device
 from nvit_lightning.models import NonFiniteWeightsError, PrunableViT
 from nvit_lightning.module import NonFiniteLossError, NViTModule
+from nvit_lightning.validation import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -50,15 +51,20 @@ def compose_cfg(config: str, overrides: list[str], out_dir: Path) -> DictConfig:
 
 
 def run_train(overrides: list[str], out_dir: Path) -> dict:
+    """train.py's job as its CLI runs it (the config check first), minus Hydra's process handling."""
     from nvit_lightning.cli import train
 
-    return train.train(compose_cfg("train", [*QUIET_CALLBACKS, *overrides], out_dir))
+    cfg = compose_cfg("train", [*QUIET_CALLBACKS, *overrides], out_dir)
+    check_config(cfg)
+    return train.train(cfg)
 
 
 def run_prune(overrides: list[str], out_dir: Path) -> dict:
     from nvit_lightning.cli import prune
 
-    return prune.prune(compose_cfg("prune", overrides, out_dir))
+    cfg = compose_cfg("prune", overrides, out_dir)
+    check_config(cfg)
+    return prune.run(cfg)
 
 
 def test_default_config_is_the_demo(tmp_path: Path) -> None:
@@ -139,7 +145,7 @@ def test_prune_latency_search_writes_each_target_refit_and_exact(tmp_path: Path)
     assert final.blocks[0].mlp.fc2.weight.shape == (64, kept)
     assert not any(torch.allclose(final.blocks[0].mlp.fc2.weight, dense.blocks[0].mlp.fc2.weight[:, idx])
                    for idx in [torch.arange(kept)])
-    with pytest.raises(ValueError, match="bad config option"):
+    with pytest.raises(ValueError, match=r"unknown pruner key\(s\) \['eta'\]; LatencySearch takes"):
         run_prune([*BASE, "pruner=obs_search", "+pruner.eta=1"], tmp_path / "bad")
     with pytest.raises(ValueError, match="unreachable: removing heads and MLP neurons alone"):
         run_prune([*BASE, "pruner=obs_search", "pruner.target=0.3"], tmp_path / "floor")  # floor 0.40
@@ -183,7 +189,7 @@ def _fit_stage1(tmp_path: Path, max_epochs: int, ckpt_path: str | None, override
     cfg = compose_cfg("train", [*QUIET_CALLBACKS, *SMALL, *overrides], tmp_path)
     L.seed_everything(cfg.seed, workers=True)
     model = instantiate(cfg.model)
-    pruning = GlobalPruning(instantiate(cfg.latency, **model_shape(model, cfg.latency)), **cfg.pruner)
+    pruning = GlobalPruning(instantiate(cfg.pruner), instantiate(cfg.latency, **model_shape(model, cfg.latency)))
     module = train.make_module(cfg, model, "prune")
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False,
@@ -290,7 +296,7 @@ def test_ckpt_path_last_resumes_the_finetuning_stage_where_it_stopped(tmp_path: 
     from nvit_lightning.cli import train
 
     assert train.finetune_resume_path("last", tmp_path) is None  # stage 2 never checkpointed: afresh
-    (tmp_path / "last.ckpt").write_text("")
+    torch.save({"global_step": 1, "state_dict": {}}, tmp_path / "last.ckpt")
     assert train.finetune_resume_path("last", tmp_path) == str(tmp_path / "last.ckpt")
     assert train.finetune_resume_path(None, tmp_path) is None
 
@@ -310,9 +316,9 @@ def test_ckpt_path_last_resolves_the_newest_checkpoint(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoint in"):
         train.resume_path("last", tmp_path)
-    (tmp_path / "epoch=0.ckpt").write_text("")
+    torch.save({"global_step": 1, "state_dict": {}}, tmp_path / "epoch=0.ckpt")
     os.utime(tmp_path / "epoch=0.ckpt", (1, 1))
-    (tmp_path / "last.ckpt").write_text("")
+    torch.save({"global_step": 2, "state_dict": {}}, tmp_path / "last.ckpt")
     assert train.resume_path("last", tmp_path) == str(tmp_path / "last.ckpt")
     with pytest.raises(FileNotFoundError, match=r"ckpt_path /nowhere\.ckpt not found"):
         train.resume_path("/nowhere.ckpt", tmp_path)
@@ -329,7 +335,7 @@ def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:
     (["pruner.target=0"], "strictly between 0 and 1"),
     (["pruner.target=1.5"], "strictly between 0 and 1"),
     (["pruner.eta=-1"], "pruner.eta must be >= 0"),
-    (["pruner.criterion=obs"], "unknown pruning criterion 'obs'"),
+    (["pruner.criterion=obs"], "unknown pruner.criterion 'obs'"),
     (["pruner.group_sizes.mlp=48"], "does not divide"),
     (["pruner.target=0.001"], "unreachable"),
     (["data=imagenet_sample", "paths.data_dir=/nonexistent"], "/nonexistent/imagenet_sample_1000"),
@@ -337,9 +343,9 @@ def test_resume_from_another_config_is_refused(tmp_path: Path) -> None:
     (["distill.temperature=0"], "distill.temperature must be > 0"),
     (["distill.finetune_temperature=-1"], "distill.finetune_temperature must be > 0"),
     (["max_nonfinite_skips=-1"], "max_nonfinite_skips must be >= 0"),
-    (["pruner.target=abc"], "pruner.target must be a number, got 'abc'"),
+    (["pruner.target=abc"], r"pruner.target must be a number \(.*\), got 'abc'"),
     (["distill=none", "reconstruction=least_squares"], r"reconstruction at pruning events needs the dense teacher"),
-    (["+pruner.etaa=1"], r"unknown pruner key\(s\) \['etaa'\]"),
+    (["+pruner.etaa=1"], r"unknown pruner key\(s\) \['etaa'\]; GlobalRanking takes"),
     (["data.img_size=64"], "data.img_size=64 but the model takes 32x32 images: set data.img_size=32"),
     (["data.train.num_classes=20"], "the data has labels up to 19, but the model has 10 classes"),
     (["trainer.devices=0"], "trainer.devices must be a positive count"),
@@ -449,7 +455,7 @@ def test_reconstruction_without_teacher_fails_before_training(tmp_path: Path) ->
     from nvit_lightning.cli import train
 
     cfg = compose_cfg("train", [*SMALL, "distill=none"], tmp_path)
-    pruning = GlobalPruning(build(cfg.latency), reconstruction=build(cfg.reconstruction), **cfg.pruner)
+    pruning = GlobalPruning(build(cfg.pruner), build(cfg.latency), reconstruction=build(cfg.reconstruction))
     module = train.make_module(cfg, build(cfg.model), "prune")
     with pytest.raises(ValueError, match="needs the dense teacher"):
         pruning.setup(None, module, "fit")  # Lightning's first callback hook, before any step
@@ -534,7 +540,7 @@ SPARSE_SMALL = BASE
 def run_sparsify(overrides: list[str], out_dir: Path) -> dict:
     from nvit_lightning.cli import prune
 
-    return prune.sparsify(compose_cfg("prune", [*SPARSE_SMALL, *overrides], out_dir))
+    return prune.run(compose_cfg("prune", [*SPARSE_SMALL, *overrides], out_dir))
 
 
 @pytest.mark.parametrize("pruner", ["ovit", "woodfisher", "global_magnitude"])
@@ -621,11 +627,11 @@ def test_sparsity_sweep_resumes_mid_sweep(tmp_path: Path) -> None:
 
     cfg = compose_cfg("train", [*QUIET_CALLBACKS, *SWEEP], tmp_path / "part")
     with pytest.raises(ValueError, match=r"the sweep stopped after \[0.3\] of \[0.3, 0.5\]"):
-        train.sparsity_sweep(cfg, max_steps=3)  # as if interrupted right after the first level
+        train.sparsity_sweep(cfg, build(cfg.pruner), max_steps=3)  # as if interrupted right after the first level
     first_model = Path(tmp_path / "part" / "sparse" / "sparsity_0.30" / "model.safetensors")
     written = first_model.stat().st_mtime_ns
     cfg = compose_cfg("train", [*QUIET_CALLBACKS, *SWEEP, "ckpt_path=last"], tmp_path / "part")
-    resumed = train.sparsity_sweep(cfg)
+    resumed = train.sparsity_sweep(cfg, build(cfg.pruner))
     assert first_model.stat().st_mtime_ns == written  # level 0.3 not redone
     for a, b in zip(full["sparse"], resumed["sparse"]):
         assert a["sparsity"] == b["sparsity"] and a["achieved"] == b["achieved"]

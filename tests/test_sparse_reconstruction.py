@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from nvit_lightning.app import build
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
@@ -34,7 +35,7 @@ def _sparse(dense: PrunableViT, pattern: str) -> PrunableViT:
     # every gradient of q: nothing left to train there)
     options = ({"sparsities": [0.6], "distribution": "uniform"} if pattern == "unstructured"
                else {"sparsities": None, "pattern": pattern})
-    (sparse,) = OBSSparsifier(num_grads=32, block_size=16, **options)(dense, _batches(2, seed=3)).values()
+    (sparse,) = OBSSparsifier(num_grads=32, block_size=16, **options)(dense, batches=_batches(2, seed=3)).values()
     return sparse
 
 
@@ -139,12 +140,14 @@ def test_sweep_with_distillation_keeps_exact_zeros_through_a_resume(tmp_path, mo
     overrides = [*QUIET_CALLBACKS, *SWEEP, "reconstruction=block_distill",
                  "reconstruction.batches=2", "reconstruction.distillation.epochs=2"]
     with pytest.raises(ValueError, match=r"the sweep stopped after \[0.3\]"):
-        train.sparsity_sweep(compose_cfg("train", overrides, tmp_path), max_steps=3)
+        cfg = compose_cfg("train", overrides, tmp_path)
+        train.sparsity_sweep(cfg, build(cfg.pruner), max_steps=3)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     (state,) = [s for k, s in checkpoint["callbacks"].items() if "SparsitySweep" in k]
     for name, mask in state["masks"].items():  # the checkpointed weights hold exactly the masks' zeros
         assert torch.equal(checkpoint["state_dict"][f"student.{name}.weight"] != 0, mask.bool()), name
-    report = train.sparsity_sweep(compose_cfg("train", [*overrides, "ckpt_path=last"], tmp_path))
+    cfg = compose_cfg("train", [*overrides, "ckpt_path=last"], tmp_path)
+    report = train.sparsity_sweep(cfg, build(cfg.pruner))
     assert len(calls) == 2  # one distillation per level, none redone by the resume
     for entry in report["sparse"]:
         assert abs(entry["achieved"] - entry["sparsity"]) < 1e-3
@@ -163,9 +166,9 @@ def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
 
     ovit = [*SPARSE_SMALL, "pruner=ovit", "pruner.sparsities=[0.5]", "pruner.num_grads=16", "pruner.block_size=16",
             "data.batch_size=8"]
-    distilled = prune.sparsify(compose_cfg("prune", [*ovit, "reconstruction=block_distill", "reconstruction.batches=2",
+    distilled = prune.run(compose_cfg("prune", [*ovit, "reconstruction=block_distill", "reconstruction.batches=2",
                                                      "reconstruction.distillation.epochs=2"], tmp_path / "bd"))
-    plain = prune.sparsify(compose_cfg("prune", [*ovit, "reconstruction=least_squares"], tmp_path / "ls"))
+    plain = prune.run(compose_cfg("prune", [*ovit, "reconstruction=least_squares"], tmp_path / "ls"))
     (entry,), (alone,) = distilled["sparse"], plain["sparse"]
     assert entry["achieved"] == alone["achieved"] and abs(entry["achieved"] - 0.5) < 1e-3
     assert entry["before_reconstruction"] == {k: alone[k] for k in ("top1", "top5")}  # the same oViT model

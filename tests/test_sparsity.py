@@ -130,7 +130,7 @@ def test_sparsifiers_reach_each_level_and_leave_the_input_model(make) -> None:
     model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sparsifier = make()
-    out = sparsifier(model, _batches())
+    out = sparsifier(model, batches=_batches())
     names = list(sparsifiable_layers(model))
     assert sorted(out) == sparsifier.sparsities
     for level, sparse in out.items():
@@ -147,8 +147,8 @@ def test_sparsifiers_reach_each_level_and_leave_the_input_model(make) -> None:
 def test_obs_beats_magnitude_on_the_calibration_loss() -> None:
     model = tiny_vit()
     batches = _batches(4)
-    obs = OBSSparsifier(sparsities=[0.5], num_grads=32, block_size=16)(model, batches)[0.5]
-    mag = MagnitudeSparsifier(sparsities=[0.5])(model, batches)[0.5]
+    obs = OBSSparsifier(sparsities=[0.5], num_grads=32, block_size=16)(model, batches=batches)[0.5]
+    mag = MagnitudeSparsifier(sparsities=[0.5])(model, batches=batches)[0.5]
 
     def kl(m: nn.Module) -> float:  # distance to the dense model's outputs on the calibration images
         with torch.no_grad():
@@ -164,7 +164,7 @@ def test_obs_beats_magnitude_on_the_calibration_loss() -> None:
 ])
 def test_nm_masks_are_exact(make) -> None:
     model = tiny_vit()
-    (sparse,) = make()(model, _batches(2)).values()
+    (sparse,) = make()(model, batches=_batches(2)).values()
     modules = dict(sparse.named_modules())
     for name in sparsifiable_layers(model):
         assert is_n_m_sparse(modules[name].weight, 2, 4), name
@@ -191,8 +191,8 @@ def test_fisher_chunks_respect_the_budget() -> None:
     chunks = sparsifier.chunks(sparsifiable_layers(model))
     assert len(chunks) > 1 and sum(len(c) for c in chunks) == 12
     # several chunks (gradients collected again to update) give the same result as one
-    one = OBSSparsifier(sparsities=[0.5], num_grads=16, block_size=16)(model, _batches(2))[0.5]
+    one = OBSSparsifier(sparsities=[0.5], num_grads=16, block_size=16)(model, batches=_batches(2))[0.5]
     many = OBSSparsifier(sparsities=[0.5], num_grads=16, block_size=16,
-                         fisher_budget_gb=sparsifier.fisher_budget_gb)(model, _batches(2))[0.5]
+                         fisher_budget_gb=sparsifier.fisher_budget_gb)(model, batches=_batches(2))[0.5]
     for (k, a), b in zip(one.state_dict().items(), many.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)

@@ -225,10 +225,11 @@ def test_pruner_none_on_a_compact_model_with_a_new_head(tmp_path: Path) -> None:
 
 
 def test_pruner_none_refuses_kl_to_a_new_head_and_a_latency_target(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="new, untrained head: add distill=none"):
-        run_train([*SMALL, "pruner=none", "distill=kl", "model=from_dir", "model.pretrained_dir=/unused",
-                   "model.num_classes=3"], tmp_path)
+    for pruner in ("pruner=none", "pruner=obs_search", "pruner=gradual"):  # every pruner distils to the start
+        with pytest.raises(ValueError, match=r"new, untrained head.*add distill=none"):
+            run_train([*SMALL, pruner, "distill=kl", "model=from_dir", "model.pretrained_dir=/unused",
+                       "model.num_classes=3"], tmp_path)
     with pytest.raises(ValueError, match=r"its latency target is 1\.0"):
         run_train([*SMALL, "pruner=none", "pruner.target=0.5", "data=synthetic"], tmp_path)
-    assert NoPruning()(model := build_model(dims={"emb": 8, "heads": [1], "qk": [8], "v": [8], "mlp": [8]},
-                                             img_size=8, patch_size=8)) is model
+    model = build_model(dims={"emb": 8, "heads": [1], "qk": [8], "v": [8], "mlp": [8]}, img_size=8, patch_size=8)
+    assert NoPruning()(model, None, []) == {1.0: model}

@@ -9,7 +9,9 @@ ranks agree on the stop (any rank's signal counts) so they all write the same st
 The checkpoint holds the RNG states too, and the train loader of a resumed fit skips the batches of
 the epoch already trained on (`ViTDataModule.train_dataloader`): `ckpt_path=last` then goes on
 exactly as the uninterrupted run would have (single device; under DDP the epoch's data restarts).
-Lightning writes checkpoints atomically (a temporary file, then a rename).
+Lightning writes checkpoints atomically (a temporary file, then a rename), and every file keeps its
+previous version beside it (`last.previous.ckpt`, `resume.KeepPreviousCheckpointIO`): a `last.ckpt`
+damaged later (a full disk, a bad copy) falls back to it on `ckpt_path=last`.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class InterruptCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self.on_events and self._pruned_now(trainer):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
         self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -95,7 +97,7 @@ class InterruptCheckpoint(Checkpoint):
         signal_name = self.signal_name or ("SIGTERM" if trainer.received_sigterm else None)
         if not trainer.strategy.reduce_boolean_decision(signal_name is not None, all=False):
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         error = TrainingInterrupted(signal_name or "SIGTERM", self.path, trainer.global_step)
         if trainer.is_global_zero:
             log.warning(str(error))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,10 @@ import lightning as L
 import torch
 
 from ..models import KINDS
-from ..oneshot import snapshot_path
+from ..oneshot import snapshot_path, write_snapshot
+from ..pruning import GlobalRanking, event_record
 from ..pruning.latency import LatencyModel
-from ..pruning.pruner import build_pruning
 from ..pruning.reconstruct import Reconstruction
-from ..report import history_record
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +27,11 @@ class GlobalPruning(L.Callback):
     crossed writes a compact `save_pretrained` snapshot to `snapshot_dir/target_<t>`.
     """
 
-    def __init__(self, latency_model: LatencyModel, criterion: str = "hessian", eta: float = 0.0,
-                 target: float = 0.7, snapshots: Sequence[float] = (), interval: int = 100,
-                 groups_per_event: int = 8, group_sizes: Mapping[str, int] | None = None,
-                 divisors: Mapping[str, float] | None = None, ema_beta: float = 0.9, seed: int = 0,
-                 ranking: str = "penalty", latency_step: float | None = None,
-                 kinds: Sequence[str] = KINDS, reconstruction: Reconstruction | None = None,
-                 snapshot_dir: str | None = None) -> None:
+    def __init__(self, ranking: GlobalRanking, latency_model: LatencyModel,
+                 reconstruction: Reconstruction | None = None, snapshot_dir: str | None = None) -> None:
         super().__init__()
-        if interval < 1:
-            raise ValueError(f"pruner.interval must be >= 1, got {interval}")
-        self.latency_model = latency_model
-        self.criterion_name, self.eta = criterion, float(eta)
-        self.targets = sorted({float(target), *map(float, snapshots)}, reverse=True)
-        self.target = float(target)
-        self.interval, self.groups_per_event = int(interval), int(groups_per_event)
-        self.group_sizes = dict(group_sizes or {})
-        self.ranking, self.latency_step, self.kinds = ranking, latency_step, list(kinds)
-        self.reconstruction = reconstruction
-        self.criterion_kwargs = dict(divisors=dict(divisors or {}), ema_beta=ema_beta, seed=seed)
+        self.ranking, self.latency_model, self.reconstruction = ranking, latency_model, reconstruction
+        self.interval, self.target = ranking.interval, ranking.target
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.history: list[dict[str, Any]] = []
         self.snapshots: dict[float, str] = {}
@@ -58,10 +42,7 @@ class GlobalPruning(L.Callback):
     # ---- set-up -----------------------------------------------------------------------------------
     def build(self, model: torch.nn.Module) -> None:
         """Create structure, criterion and pruner for `model` (a masked PrunableViT)."""
-        self.structure, self.criterion, self.pruner = build_pruning(
-            model, self.latency_model, criterion=self.criterion_name, eta=self.eta, targets=self.targets,
-            groups_per_event=self.groups_per_event, group_sizes=self.group_sizes, ranking=self.ranking,
-            latency_step=self.latency_step, kinds=self.kinds, **self.criterion_kwargs)
+        self.structure, self.criterion, self.pruner = self.ranking.build(model, self.latency_model)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.reconstruction is not None and getattr(pl_module, "teacher", None) is None:
@@ -100,7 +81,7 @@ class GlobalPruning(L.Callback):
         self.criterion.end_interval()
         event = self.pruner.step(self.criterion.scores())
         pl_module.enable_kl()
-        record = history_record(event, pl_module.student, step)
+        record = event_record(event, pl_module.student, step)
         self.history.append(record)
         pl_module.log_dict({f"prune/{k}": float(v) for k, v in record.items()
                             if isinstance(v, int | float)}, on_step=True, on_epoch=False)
@@ -138,16 +119,16 @@ class GlobalPruning(L.Callback):
             return
         path = snapshot_path(self.snapshot_dir, target)
         if trainer.is_global_zero:
-            pl_module.student.compact().save_pretrained(path)
+            write_snapshot(pl_module.student.compact(), self.snapshot_dir, target)
             log.info(f"latency target {target} reached: compact snapshot in {path}")
         self.snapshots[target] = str(path)
 
     # ---- checkpointing ------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
-        return {"criterion": self.criterion_name, "eta": self.eta, "targets": self.targets,
-                "interval": self.interval, "groups_per_event": self.groups_per_event,
-                "group_sizes": self.group_sizes, "ranking": self.ranking, "latency_step": self.latency_step,
-                "kinds": self.kinds}
+        r = self.ranking
+        return {"criterion": r.criterion, "eta": r.eta, "targets": r.targets, "interval": r.interval,
+                "groups_per_event": r.groups_per_event, "group_sizes": r.group_sizes, "ranking": r.ranking,
+                "latency_step": r.latency_step, "kinds": r.kinds}
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self._config(), "criterion": self.criterion.state_dict(),

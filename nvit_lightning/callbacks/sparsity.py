@@ -100,7 +100,7 @@ class SparsitySweep(L.Callback):
         if trainer.is_global_zero:
             one_level = copy.copy(self.sparsifier)
             one_level.sparsities = [level]
-            sparse = one_level(copy.deepcopy(student).eval(), self.batches)[level]
+            sparse = one_level(copy.deepcopy(student).eval(), batches=self.batches)[level]
             if self.distillation is not None:  # trains every block parameter, so the whole state travels
                 report = distill_sparse(self.distillation, sparse, self.reference, self.distill_batches,
                                         list(self.sparsifier.layers(sparse)), next(student.parameters()).device)

@@ -20,11 +20,9 @@ from nvit_lightning.app import (
     build,
     build_all,
     build_run,
+    check_teacher,
     config_dir,
-    is_latency_search,
-    is_no_pruning,
     is_rank_zero,
-    is_sparsifier,
     lock_explicit_run_dir,
     log,
     save_config,
@@ -33,13 +31,14 @@ from nvit_lightning.app import (
 )
 from nvit_lightning.build import build_cnn_teacher
 from nvit_lightning.callbacks import GlobalPruning, InterruptCheckpoint, SparsitySweep
-from nvit_lightning.errors import cli_errors
+from nvit_lightning.errors import check_cli_args, cli_errors, hydra_exit_codes
 from nvit_lightning.finish import finish_pruning, finish_sparsity
-from nvit_lightning.measure import calibration_batches, describe_model, describe_sparse, val_accuracy
+from nvit_lightning.measure import calibration_data, describe_model, describe_sparse, val_accuracy
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
-from nvit_lightning.oneshot import search_and_refit, snapshot_path
-from nvit_lightning.pruning.none import check_teacher
+from nvit_lightning.oneshot import prune_and_refit
+from nvit_lightning.pruning import Pruner
+from nvit_lightning.resume import check_before_hydra, check_resume, finetune_resume_path, resume_path
 from nvit_lightning.sparsity.distill import sparse_distillation
 from nvit_lightning.sweep import metric_value
 from nvit_lightning.timing import prunable_spec
@@ -59,90 +58,54 @@ def make_module(cfg: DictConfig, model, stage: str, teacher=None, step_offset: i
         cnn_alpha=d.cnn_alpha, max_nonfinite_skips=cfg.max_nonfinite_skips, stage=stage, step_offset=step_offset)
 
 
-def resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
-    """`ckpt_path=last`: the newest stage-1 checkpoint of this run dir; a path: that file. A fresh run
-    into a dir that already holds checkpoints overwrites them, with a warning."""
-    existing = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if ckpt_path == "last":
-        if not existing:
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoint in {checkpoint_dir} (set hydra.run.dir to the "
-                                    f"run to resume, or ckpt_path=<file>)")
-        return str(existing[-1])
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path {ckpt_path} not found (ckpt_path=last resumes the newest checkpoint "
-                                f"of hydra.run.dir)")
-    if ckpt_path is None and existing and is_rank_zero():
-        log.warning(f"{checkpoint_dir} already holds checkpoints of an earlier run: this fresh run overwrites "
-                    f"them (resume with ckpt_path=last instead)")
-    return ckpt_path
-
-
-def finetune_resume_path(ckpt_path: str | None, finetune_dir: Path) -> str | None:
-    """`ckpt_path=last` goes on with stage 2 where it stopped, once stage 1 (resumed past its targets)
-    has compacted the same model again; otherwise stage 2 starts afresh."""
-    last = finetune_dir / "last.ckpt"
-    if ckpt_path == "last" and last.is_file():
-        log.info(f"resuming the fine-tuning stage from {last}")
-        return str(last)
-    return None
-
-
 def train(cfg: DictConfig) -> dict:
+    pruner = build(cfg.pruner)  # bad options fail before any model or data is loaded
+    return PIPELINES[pruner.output](cfg, pruner)
+
+
+def prune_and_finetune(cfg: DictConfig, pruner: Pruner) -> dict:
+    """A masked-output pruner: stage 1 prunes (in one shot, or while fine-tuning when the pruner is
+    `gradual`), the model is compacted, stage 2 fine-tunes the compact model."""
     out_dir = Path(cfg.paths.output_dir)
-    if is_sparsifier(cfg.pruner):
-        return sparsity_sweep(cfg)
-    search = build(cfg.pruner) if is_latency_search(cfg.pruner) else None  # bad options fail first
-    no_pruning = build(cfg.pruner) if is_no_pruning(cfg.pruner) else None  # pruner=none: stage 2 alone
-    if no_pruning is not None:
-        check_teacher(cfg.model, cfg.distill.kl_weight)
-    if search is not None and cfg.ckpt_path is not None:
-        raise ValueError("ckpt_path resumes the pruning-while-training stage; pruner=obs_search prunes in one "
-                         "shot (minutes) and has no stage-1 checkpoint: run again without ckpt_path")
+    check_teacher(cfg)
+    if not pruner.gradual and cfg.ckpt_path is not None:
+        raise ValueError(f"ckpt_path resumes the pruning-while-training stage; pruner={pruner.name} prunes in one "
+                         f"shot (minutes) and has no stage-1 checkpoint: run again without ckpt_path")
+    check_resume(cfg, pruner)  # the checkpoints and their settings, before any work or file written
     datamodule, model, latency_model = build_run(cfg)
-    if search is not None:
-        search.check(model, latency_model)  # an unreachable target: before the dense evaluation
+    pruner.check(model, latency_model)  # bad group sizes, an unreachable target: before the dense evaluation
     dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
     reconstruction = build(cfg.reconstruction) if cfg.reconstruction else None
-    if search is None and no_pruning is None:
-        pruning = GlobalPruning(latency_model, snapshot_dir=str(out_dir / "snapshots"),
-                                reconstruction=reconstruction, **cfg.pruner)
-        pruning.build(model)  # fails now, not after an epoch, on bad group sizes or unreachable targets
     if is_rank_zero():
         save_config(cfg, out_dir)
         log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
         dense = describe_model(model, latency_model, datamodule, cfg, "dense", with_dims=True)
 
     loggers = build_all(cfg.logger)
-    if no_pruning is not None:
-        # ---- no stage 1 (pruner=none): the model as it is; a distillation teacher would be its start ----
-        compact, step, history, snapshots, others = no_pruning(model).compact(), 0, [], {}, {}
-        teacher = copy.deepcopy(compact).eval()
-    elif search is None:
+    if pruner.gradual:
         # ---- stage 1: prune while fine-tuning, with KL to the dense model after the first event ------
+        pruning = GlobalPruning(pruner, latency_model, reconstruction, snapshot_dir=str(out_dir / "snapshots"))
         module = make_module(cfg, model, "prune")
-        callbacks = [pruning, *build_all(cfg.callbacks)]
-        trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs, callbacks=callbacks,
-                        logger=loggers or False)
+        trainer = build(cfg.trainer, max_epochs=cfg.schedule.prune_max_epochs,
+                        callbacks=[pruning, *build_all(cfg.callbacks)], logger=loggers or False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out_dir / "checkpoints"))
         if not pruning.done:
             raise ValueError(f"pruning stopped at {pruning.pruner.latency_ratio():.3f} of the dense latency, "
-                             f"before the target {cfg.pruner.target}: raise schedule.prune_max_epochs or "
+                             f"before the target {pruner.target}: raise schedule.prune_max_epochs or "
                              f"pruner.groups_per_event, and resume with hydra.run.dir=<run> ckpt_path=last")
         compact, teacher, step = module.student.compact(), module.teacher, trainer.global_step
         snapshots, history = pruning.snapshots, pruning.history
         others = {t: PrunableViT.from_pretrained(path) for t, path in snapshots.items()} if is_rank_zero() else {}
     else:
-        # ---- stage 1, one shot: latency search on calibration images, refit to the dense model -------
+        # ---- stage 1, one shot: the pruner on calibration images, refit to the dense model -----------
         teacher = copy.deepcopy(model).eval()
-        needed = max(cfg.calib_batches, reconstruction.batches if reconstruction else 0)
-        compacts = search_and_refit(search, model, teacher, latency_model,
-                                    list(datamodule.calib_dataloader(needed)), cfg.calib_batches, reconstruction,
-                                    device=work_device(cfg),
-                                    snapshot_dir=out_dir / "snapshots" if is_rank_zero() else None,
-                                    progress=is_rank_zero())
-        compact, step, history = compacts[search.target], 0, []
-        snapshots = {t: str(snapshot_path(out_dir / "snapshots", t)) for t in compacts}
-        others = compacts
+        calib = pruner.calibration_batches(cfg.calib_batches, datamodule.batch_size)
+        batches = list(calibration_data(datamodule, max(calib, reconstruction.batches if reconstruction else 0)))
+        # DDP's other ranks prune alike (the same batches and decisions) but write nothing
+        others, snapshots = prune_and_refit(pruner, model, teacher, latency_model, batches, calib, reconstruction,
+                                            device=work_device(cfg), progress=is_rank_zero(),
+                                            snapshot_dir=out_dir / "snapshots" if is_rank_zero() else None)
+        compact, step, history = others[pruner.target], 0, pruner.history
 
     # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
     if cfg.schedule.finetune_epochs > 0:
@@ -159,27 +122,28 @@ def train(cfg: DictConfig) -> dict:
 
     if not is_rank_zero():
         return {}
-    named = search or no_pruning  # the one-shot pruners name themselves
-    method = (named.name, None) if named is not None else (cfg.pruner.criterion, cfg.pruner.eta)
-    return finish_pruning(cfg, compact, dense, dense_arch, latency_model, datamodule, loggers, *method, snapshots,
-                          history, others=others)
+    return finish_pruning(cfg, compact, dense, dense_arch, latency_model, datamodule, loggers, pruner.describe(),
+                          snapshots, history, others=others)
 
 
-def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
+def sparsity_sweep(cfg: DictConfig, pruner: Pruner, max_steps: int | None = None) -> dict:
     """`+experiment=ovit_sweep`: sparsify to each level in turn, fine-tuning with KL to the dense model
     and the zeros fixed between levels; one model per level under sparse/ (callbacks.SparsitySweep).
     `max_steps` stops the run early (as an interruption would)."""
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("sweep") is None:
-        raise ValueError(f"pruner={cfg.pruner._target_.rsplit('.', 1)[-1]} in train.py runs a sparsity sweep: "
-                         f"use +experiment=ovit_sweep (or python prune.py pruner=... for one-shot sparsity)")
-    sparsifier = build(cfg.pruner)
+        raise ValueError(f"pruner={pruner.name} in train.py runs a sparsity sweep: use +experiment=ovit_sweep "
+                         f"(or python prune.py pruner=... for one-shot sparsity)")
     distillation = sparse_distillation(build(cfg.reconstruction) if cfg.reconstruction else None)
-    datamodule, model, _ = build_run(cfg)
+    check_resume(cfg, pruner)
+    datamodule, model, latency_model = build_run(cfg)
     model = model.compact()
-    sweep = SparsitySweep(sparsifier, calibration_batches(sparsifier, datamodule), cfg.sweep.steps_per_level,
-                          save_dir=str(out_dir / "sparse"), checkpoint_dir=str(out_dir / "checkpoints"),
-                          distillation=distillation, reference=copy.deepcopy(model).eval() if distillation else None,
+    pruner.check(model, latency_model)
+    sweep = SparsitySweep(pruner, calibration_data(datamodule, pruner.calibration_batches(cfg.calib_batches,
+                                                                                           datamodule.batch_size)),
+                          cfg.sweep.steps_per_level, save_dir=str(out_dir / "sparse"),
+                          checkpoint_dir=str(out_dir / "checkpoints"), distillation=distillation,
+                          reference=copy.deepcopy(model).eval() if distillation else None,
                           distill_batches=datamodule.calib_dataloader(cfg.reconstruction.batches) if distillation
                           else None)
     if is_rank_zero():
@@ -195,10 +159,14 @@ def sparsity_sweep(cfg: DictConfig, max_steps: int | None = None) -> dict:
                          f"hydra.run.dir=<run> ckpt_path=last")
     if not is_rank_zero():
         return {}
-    levels = [describe_sparse(PrunableViT.from_pretrained(path), sparsifier, level, path, datamodule, cfg)
+    levels = [describe_sparse(PrunableViT.from_pretrained(path), pruner, level, path, datamodule, cfg)
               for level, path in sorted(sweep.saved.items())]
-    return finish_sparsity(cfg, dense, levels, f"{sparsifier.name} sweep", sparsifier.pattern,
-                           sparsifier.distribution, loggers, steps_per_level=cfg.sweep.steps_per_level)
+    method = {**pruner.describe(), "criterion": f"{pruner.name} sweep"}
+    return finish_sparsity(cfg, dense, levels, method, loggers, steps_per_level=cfg.sweep.steps_per_level)
+
+
+# what a run does with a pruner's models, by the kind of model it makes (`Pruner.output`)
+PIPELINES = {"masked": prune_and_finetune, "sparse": sparsity_sweep}
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
@@ -210,5 +178,7 @@ def _main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """`nvit-train` and `python train.py`: Hydra overrides from the command line."""
     setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
+    check_cli_args(sys.argv[1:])  # a hydra.run.dir that cannot be a directory: one line, exit 2
     lock_explicit_run_dir(sys.argv[1:])
-    _main()
+    check_before_hydra("train", sys.argv[1:])  # a refused resume (ckpt_path) changes no file of the run
+    hydra_exit_codes(_main)  # Hydra's own errors (pruner=hesian, an unknown key) exit 2 too

@@ -120,6 +120,29 @@ def num_labels(dataset: Dataset) -> int | None:
     return max(labels) + 1 if labels else None
 
 
+# what a resumed fit must train on to go on as the interrupted one would: the training set, the sample
+# count, the order (seed) and the batches; a checkpoint records them (`ViTDataModule.state_dict`)
+_TRAINING_DATA_KEYS = ("train", "root", "train_limit", "seed", "batch_size")
+
+
+def training_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The training-data options of a `ViTDataModule` config (plain values, the defaults filled in),
+    keyed as on the command line (`data.train.num_samples`, `data.batch_size`, ...)."""
+    params = inspect.signature(ViTDataModule.__init__).parameters
+    values = {k: data.get(k, params[k].default) for k in _TRAINING_DATA_KEYS}
+    flat = {f"data.{k}": v for k, v in values.items() if k != "train"}
+    flat |= {f"data.train.{k}": v for k, v in dict(values["train"] or {}).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
+
+
+def training_data_difference(saved: Mapping[str, Any], own: Mapping[str, Any]) -> str | None:
+    """`key: checkpoint X, this run Y` for each training-data option that differs; None if none does."""
+    keys = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
+    if not keys:
+        return None
+    return "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {own.get(k)!r}" for k in keys)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A shuffle that is a function of (seed, epoch) only, so a run resumed from a checkpoint sees the
     same batches as an uninterrupted one (Lightning calls `set_epoch` at every epoch start; under DDP
@@ -203,6 +226,9 @@ class ViTDataModule(L.LightningDataModule):
         )
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.training_data = training_data({"train": dict(train) if train is not None else None, "root": root,
+                                            "train_limit": train_limit, "seed": seed, "batch_size": batch_size})
+        self._resume_batches: int | None = None  # from a checkpoint: batches of its epoch already trained on
 
     @staticmethod
     def _with_defaults(spec: Mapping[str, Any] | None, img_size: int, seed: int, root: str | None) -> dict | None:
@@ -277,15 +303,39 @@ class ViTDataModule(L.LightningDataModule):
         loader.sampler.skip = self._resumed_batches(len(loader)) * self.batch_size
         return loader
 
+    # ---- resume: the checkpoint records the training data and how far into its epoch it was -----------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        return {"training_data": self.training_data, "epoch_batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint of other training data; note how far into its epoch it was. Lightning
+        restores this before it builds the optimizers, whose learning-rate schedule may already ask for
+        the train loader (`estimated_stepping_batches`), i.e. before its loops' progress is restored."""
+        saved = state_dict.get("training_data")
+        difference = training_data_difference(saved, self.training_data) if saved is not None else None
+        if difference:
+            raise ValueError(f"the checkpoint was written for other training data ({difference}): resume with "
+                             f"the run's own data settings, or start a new run")
+        self._resume_batches = state_dict.get("epoch_batches_done")
+
+    def teardown(self, stage: str) -> None:
+        self._resume_batches = None  # one fit's resume position, never the next fit's (train.py's stage 2)
+
     def _resumed_batches(self, batches_per_epoch: int) -> int:
         """Batches of the current epoch a resumed fit already trained on (0 unless it resumes from a
         mid-epoch checkpoint): its loader then starts after them, so the run goes on exactly as an
-        uninterrupted one. Lightning has restored its loops' progress by the time it asks for the loader."""
+        uninterrupted one. The checkpoint's count (`load_state_dict`), else (a checkpoint of an older
+        version) the loops' restored progress."""
         trainer = self.trainer
-        if trainer is None or not trainer.fit_loop.restarting:
+        if self._resume_batches is not None:
+            done, self._resume_batches = self._resume_batches, None
+        elif trainer is None or not trainer.fit_loop.restarting:
             return 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if not 0 < done < batches_per_epoch:
+        else:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trainer is None or not 0 < done < batches_per_epoch:
             return 0
         if isinstance(trainer.strategy, ParallelStrategy):  # Lightning's distributed sampler wraps ours
             log.warning(f"resuming mid-epoch under {type(trainer.strategy).__name__}: the {done} batches of this "

@@ -159,12 +159,11 @@ class ImageListDataset(SkipsUnreadable):
         list_path = require_path(self.root / list_file, "image list file")
         self.transform = transform
         self.samples: list[tuple[Path, int]] = []
-        for line in list_path.read_text().splitlines():
+        for number, line in enumerate(list_path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            sep = "," if "," in line else None
-            path, label = line.rsplit(sep, 1)
-            self.samples.append((self.root / path.strip(), int(label)))
+            path, label = _list_entry(line, list_path, number)
+            self.samples.append((self.root / path, label))
         if not self.samples:
             raise ValueError(f"image list {list_path} is empty")
         # checking one file catches a wrong root without stat-ing the whole list
@@ -173,6 +172,18 @@ class ImageListDataset(SkipsUnreadable):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def _list_entry(line: str, list_path: Path, number: int) -> tuple[str, int]:
+    """One ``path, label`` (or ``path label``) line of an image list; a line without a label, or with a
+    label that is not a class index (>= 0), is one error naming the file and the line."""
+    sep = "," if "," in line else None
+    parts = line.rsplit(sep, 1)
+    label = parts[1].strip() if len(parts) == 2 else ""
+    if len(parts) != 2 or not parts[0].strip() or not label.isdigit():
+        raise ValueError(f"image list {list_path} line {number}: expected '<image path>, <label>' with a label "
+                         f"0, 1, 2..., got {line.strip()!r}")
+    return parts[0].strip(), int(label)
 
 
 class ImageNetFolders(ImageFolder, SkipsUnreadable):

@@ -243,6 +243,11 @@ class LookupTableLatency(LatencyModel):
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as err:
             raise CorruptTableError(f"latency table {path} is corrupt ({type(err).__name__}: {err}); delete it (a "
                              f"profiled table is rebuilt at the next run) or set latency.path") from None
+        except (RuntimeError, ValueError) as err:  # torch's reshape: values that do not fit the grid; a bad grid
+            what = "its block_ms (or same_qk_v_ms) does not fit its grid: " \
+                if isinstance(err, RuntimeError) else ""
+            raise CorruptTableError(f"latency table {path} is corrupt ({what}{str(err).splitlines()[0]}); delete it "
+                                    f"(a profiled table is rebuilt at the next run) or set latency.path") from None
         tokens = table.meta.get("tokens")
         if expect_tokens is not None and tokens != expect_tokens:
             raise ValueError(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
 
 from ..models import PrunableViT
+from .base import Pruner
+from .latency import LatencyModel
 
 
-class NoPruning:
-    """The pruner that keeps every structure: `NoPruning()(model)` is `model`, unchanged.
+class NoPruning(Pruner):
+    """The pruner that keeps every structure: its one model is the given one, unchanged.
 
     train.py then runs stage 2 alone on the given model (dense or compact: `model=from_dir`) for
     `schedule.finetune_epochs` epochs with the configured distillation, evaluates it and writes model/
@@ -22,17 +26,12 @@ class NoPruning:
         if float(target) != 1.0:
             raise ValueError(f"pruner=none keeps the whole model, so its latency target is 1.0 (got "
                              f"pruner.target={target}): pick a pruner, e.g. pruner=obs_search, to prune")
-        self.target = 1.0
+        self.target, self.targets = 1.0, [1.0]
 
-    def __call__(self, model: PrunableViT) -> PrunableViT:
-        return model
+    def calibration_batches(self, calib_batches: int, batch_size: int) -> int:
+        return 0
 
-
-def check_teacher(model_cfg: Mapping[str, Any], kl_weight: float) -> None:
-    """With pruner=none the distillation teacher is the starting model: refuse KL (`kl_weight > 0`) to
-    it when `model.num_classes` gives a loaded model a new, untrained head (its logits mean nothing)."""
-    new_head = model_cfg.get("num_classes") is not None and model_cfg.get("dims") is None
-    if kl_weight > 0 and new_head:
-        raise ValueError(f"pruner=none distils to the starting model, but model.num_classes="
-                         f"{model_cfg.get('num_classes')} gives it a new, untrained head: add distill=none "
-                         f"(or keep the trained head: model.num_classes=null)")
+    def __call__(self, model: PrunableViT, latency_model: LatencyModel | None = None,
+                 batches: Sequence[Sequence[Tensor]] = (), device: str | torch.device = "cpu",
+                 progress: bool = True) -> dict[float, PrunableViT]:
+        return {1.0: model}

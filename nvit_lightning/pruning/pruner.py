@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..models import EMB, KINDS, LayerKey, ViTDims
+from ..models import EMB, KINDS, LayerKey, PrunableViT, ViTDims
 from .criteria import Criterion, build_criterion
 from .groups import Structure
 from .latency import LatencyModel, block_rows, dims_from_block_rows
@@ -50,6 +51,16 @@ class PruningEvent:
         removed = ", ".join(f"{k} {n}" for k, n in self.pruned.items() if n)
         return (f"event {self.index}: removed {removed or 'nothing'}; latency {self.latency_before:.2f} -> "
                 f"{self.latency_after:.2f} ms ({self.ratio_after:.3f} of dense)")
+
+
+def event_record(event: PruningEvent, model: PrunableViT, step: int | None = None) -> dict[str, Any]:
+    """One entry of pruning_history.json, the same for every pipeline that prunes in events: the
+    latency and size after the event, the units it removed per kind, and the dims. `step` is the
+    optimizer step of pruning while training; one-shot events have none."""
+    size = model.size_of(event.dims)
+    return {"event": event.index, **({"step": step} if step is not None else {}), "latency_ms": event.latency_after,
+            "latency_ratio": event.ratio_after, "params": size["params"], "macs": size["macs"],
+            **{f"pruned_{k}": n for k, n in event.pruned.items()}, "dims": event.dims.to_dict()}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..models import PrunableViT, ViTDims
+from .base import Pruner
 from .groups import Structure
 from .latency import LatencyModel
 from .pruner import UnreachableTargetError
@@ -81,7 +82,7 @@ def _kept_widths(n: int, group_size: int) -> list[int]:
     return [n, *range(group_size * ((n - 1) // group_size), 0, -group_size)]
 
 
-class LatencySearch:
+class LatencySearch(Pruner):
     """Prune a masked PrunableViT to latency targets in one shot: structured-OBS traces of heads and
     MLP neurons on calibration images, then the per-block widths of least estimated loss within each
     target (`cheapest_under_budget`). Weight compensation is left to the reconstruction that follows

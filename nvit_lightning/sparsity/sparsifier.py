@@ -1,20 +1,23 @@
 """Sparsifiers: oViT / WoodFisher (second order) and global magnitude, unstructured or N:M.
 
-A sparsifier maps a model and calibration batches to one sparse copy of the model per sparsity
-level, zeros in place (`{sparsity: model}`); the copies share nothing with the input model.
+A sparsifier is a pruner (`pruning.Pruner`, "sparse" output) whose targets are sparsity levels: it
+maps a model and calibration batches to one sparse copy of the model per level, zeros in place
+(`{sparsity: model}`); the copies share nothing with the input model. Latency plays no part.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..pruning.base import Pruner, batches_for_samples
 from .fisher import block_fisher, damped_inverse
 from .layers import Blocks, sparsifiable_layers
 from .obs import ORDERS, obs_order, obs_prune
@@ -37,8 +40,10 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-class Sparsifier(ABC):
+class Sparsifier(Pruner):
     """The options every sparsifier shares: levels, pattern, distribution and which layers."""
+
+    output = "sparse"
 
     def __init__(self, sparsities: Sequence[float] | None = (0.5, 0.6, 0.7, 0.8), pattern: str = "unstructured",
                  distribution: str = "global", patch_embed: bool = False, head: bool = False) -> None:
@@ -57,12 +62,11 @@ class Sparsifier(ABC):
             if not isinstance(s, int | float) or not 0.0 < float(s) < 1.0:
                 raise ValueError(f"sparsities must lie strictly between 0 and 1, got {s!r}")
         self.sparsities = sorted(float(s) for s in sparsities)
+        self.targets = self.sparsities
         self.distribution, self.patch_embed, self.head = distribution, patch_embed, head
 
-    @property
-    @abstractmethod
-    def name(self) -> str:
-        """The method, as reports name it."""
+    def describe(self) -> dict[str, Any]:
+        return {"criterion": self.name, "pattern": self.pattern, "distribution": self.distribution}
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         layers = sparsifiable_layers(model, self.patch_embed, self.head)
@@ -74,7 +78,8 @@ class Sparsifier(ABC):
         return layers
 
     @abstractmethod
-    def __call__(self, model: nn.Module, batches: Batches) -> dict[float, nn.Module]:
+    def __call__(self, model: nn.Module, latency_model: Any = None, batches: Batches = (),
+                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, nn.Module]:
         """One sparse copy of `model` per level of `self.sparsities`."""
 
     @staticmethod
@@ -96,7 +101,11 @@ class MagnitudeSparsifier(Sparsifier):
 
     name = "global magnitude"
 
-    def __call__(self, model: nn.Module, batches: Batches | None = None) -> dict[float, nn.Module]:
+    def calibration_batches(self, calib_batches: int, batch_size: int) -> int:
+        return 0  # no data
+
+    def __call__(self, model: nn.Module, latency_model: Any = None, batches: Batches = (),
+                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, nn.Module]:
         layers = self.layers(model)
         weights = {name: layer.weight.detach() for name, layer in layers.items()}
         out: dict[float, dict[str, Tensor]] = {}
@@ -173,7 +182,14 @@ class OBSSparsifier(Sparsifier):
         fisher = block_fisher(model, chunk, batches, self.num_grads, self.block_size, self.device)
         return {name: damped_inverse(fisher.pop(name), self.damp) for name in list(fisher)}
 
-    def __call__(self, model: nn.Module, batches: Batches) -> dict[float, nn.Module]:
+    def calibration_batches(self, calib_batches: int, batch_size: int) -> int:
+        """`num_grads` images of the calibration subset, the same on every pass (a Fisher in chunks
+        reads them twice)."""
+        return batches_for_samples(self.num_grads, batch_size)
+
+    def __call__(self, model: nn.Module, latency_model: Any = None, batches: Batches = (),
+                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, nn.Module]:
+        """`device` is the run's; the Fisher blocks go where `self.device` says (they can outgrow a GPU)."""
         model = model.to(self.device)
         layers = self.layers(model)
         chunks = self.chunks(layers)
