@@ -22,27 +22,44 @@ from .dims import ViTDims
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Where a kind's units can be gated (multiplied by a per-unit factor whose derivative is their
+    saliency): the input (`pre`) or output of a block's `layer`, whose last axis is viewed as (heads,
+    per-head width) when `split` names those attributes of the block's attention; `axis` of that view
+    (or the whole last axis) indexes the units."""
+
+    layer: str  # relative to the block
+    pre: bool
+    split: tuple[str, str] | None = None
+    axis: int = 0
+
+
+@dataclass(frozen=True)
 class KindSpec:
-    """One kind of prunable unit: where its mask lives, which ViTDims field counts it, and NViT's
-    defaults for it (units pruned together, the saliency divisor c_kind)."""
+    """One kind of prunable unit: where its mask lives, which ViTDims field counts it (and so which
+    column of a latency-table row), NViT's defaults for it (units pruned together, the saliency
+    divisor c_kind), and where its saliency gate sits (EMB has none of its own: the residual stream
+    is gated on every write into it)."""
 
     name: str
     mask: str  # the mask buffer: of the model (EMB), or of each block, relative to the block
     dims_field: str
     group_size: int
     divisor: float
+    gate: Gate | None = None
 
     @property
     def per_block(self) -> bool:
         return self.name != "emb"
 
 
+_HEADS_V = ("num_heads", "v_dim")
 KIND_SPECS = (
     KindSpec("emb", "emb_mask", "emb", 16, 12.0),
-    KindSpec("head", "attn.head_mask", "heads", 2, 12.0),
-    KindSpec("qk", "attn.qk_mask", "qk", 8, 2.0),
-    KindSpec("v", "attn.v_mask", "v", 8, 2.0),
-    KindSpec("mlp", "mlp.mask", "mlp", 16, 1.0),
+    KindSpec("head", "attn.head_mask", "heads", 2, 12.0, Gate("attn.proj", pre=True, split=_HEADS_V, axis=0)),
+    KindSpec("qk", "attn.qk_mask", "qk", 8, 2.0, Gate("attn.q", pre=False, split=("num_heads", "qk_dim"), axis=1)),
+    KindSpec("v", "attn.v_mask", "v", 8, 2.0, Gate("attn.proj", pre=True, split=_HEADS_V, axis=1)),
+    KindSpec("mlp", "mlp.mask", "mlp", 16, 1.0, Gate("mlp.fc2", pre=True)),
 )
 KINDS = tuple(k.name for k in KIND_SPECS)
 DEFAULT_GROUP_SIZES = {k.name: k.group_size for k in KIND_SPECS}

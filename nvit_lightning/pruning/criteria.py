@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..models import DEFAULT_DIVISORS, EMB, LayerKey
+from ..models import DEFAULT_DIVISORS, EMB, KIND_SPECS, LayerKey
 from .groups import Structure
 
 # NViT's per-kind divisors (models/structure.py): s_u is divided by c_kind before squaring, making kinds comparable
@@ -141,9 +141,10 @@ class FisherCriterion(GradientCriterion):
     The gates are multiplied in by forward hooks, one per image, so one backward gives every image's
     derivative: hundreds of samples per calibration pass instead of one squared batch mean per step
     (NViT's estimate, which at a converged model is dominated by noise). Units of every kind are in
-    the loss's own units, so no per-kind divisors are needed (they default to 1). Gates: MLP neurons
-    on fc2's input, heads and V dims on proj's input, QK dims on the queries, EMB channels on the
-    residual stream (after the embedding and on every sublayer's output, one shared gate).
+    the loss's own units, so no per-kind divisors are needed (they default to 1). Gates: where each
+    kind declares them (`models.structure.KIND_SPECS`: MLP neurons on fc2's input, heads and V dims
+    on proj's input, QK dims on the queries), EMB channels on the residual stream (after the
+    embedding and on every sublayer's output, one shared gate).
     """
 
     name = "fisher"
@@ -180,13 +181,13 @@ class FisherCriterion(GradientCriterion):
 
         handles = []
         for i, block in enumerate(model.blocks):
-            a = block.attn
-            handles += [
-                block.mlp.fc2.register_forward_pre_hook(gated(("mlp", i), None, 0, pre=True)),
-                a.proj.register_forward_pre_hook(gated(("head", i), (a.num_heads, a.v_dim), 0, pre=True)),
-                a.proj.register_forward_pre_hook(gated(("v", i), (a.num_heads, a.v_dim), 1, pre=True)),
-                a.q.register_forward_hook(gated(("qk", i), (a.num_heads, a.qk_dim), 1, pre=False)),
-            ]
+            for spec in KIND_SPECS:  # where each kind's gate sits is declared with the kind
+                if spec.gate is None:
+                    continue
+                g, layer = spec.gate, block.get_submodule(spec.gate.layer)
+                split = tuple(getattr(block.attn, name) for name in g.split) if g.split else None
+                register = layer.register_forward_pre_hook if g.pre else layer.register_forward_hook
+                handles.append(register(gated((spec.name, i), split, g.axis, pre=g.pre)))
         # one EMB gate per channel, shared by every write into the residual stream
         for module in [model.pos_drop, *(m for b in model.blocks for m in (b.attn, b.mlp))]:
             handles.append(module.register_forward_hook(gated(EMB, None, 0, pre=False)))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..models import EMB, KINDS, LayerKey, PrunableViT, ViTDims
+from ..models import EMB, KIND_SPECS, KINDS, LayerKey, PrunableViT, ViTDims
 from .criteria import Criterion, build_criterion
 from .groups import Structure
 from .latency import LatencyModel, block_rows, dims_from_block_rows
@@ -127,16 +127,17 @@ class GlobalPruner:
 
     def min_latency_ratio(self) -> float:
         """Latency ratio of the smallest architecture the constraints allow (one group per layer)."""
-        layers = self.structure.layers
         dims = self.structure.live_dims()
-
-        def floor(kind: str, widths: tuple[int, ...]) -> list[int]:
-            return [layers[(kind, 0)].group_size] * dims.depth if kind in self.kinds else list(widths)
-
-        emb = layers[EMB].group_size if EMB[0] in self.kinds else dims.emb
-        smallest = ViTDims(emb, floor("head", dims.heads), floor("qk", dims.qk), floor("v", dims.v),
-                           floor("mlp", dims.mlp))
-        return self.latency(smallest) / self.dense_latency
+        smallest = {}
+        for spec in KIND_SPECS:
+            live = getattr(dims, spec.dims_field)
+            if spec.name not in self.kinds:
+                smallest[spec.dims_field] = live
+            elif spec.per_block:
+                smallest[spec.dims_field] = [self.structure.layers[(spec.name, 0)].group_size] * dims.depth
+            else:
+                smallest[spec.dims_field] = self.structure.layers[EMB].group_size
+        return self.latency(ViTDims(**smallest)) / self.dense_latency
 
     def check_reachable(self) -> None:
         floor = self.min_latency_ratio()
