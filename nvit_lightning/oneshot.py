@@ -4,7 +4,9 @@ model with KL to the dense one."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +15,15 @@ from torch import Tensor
 
 from .models import PrunableViT
 from .module import NViTModule
+from .oneshot_state import OneShotState, rng_state, set_rng_state
 from .pruning import Pruner
+from .pruning.interrupt import (
+    StopRequested,
+    cpu_state,
+    raise_if_stop_requested,
+    stop_after,
+    stop_on_signals,
+)
 from .pruning.latency import LatencyModel
 from .pruning.reconstruct import Reconstruction
 from .report import target_name
@@ -34,22 +44,80 @@ def write_snapshot(compact: PrunableViT, directory: str | Path, target: float) -
 def prune_and_refit(pruner: Pruner, model: PrunableViT, reference: PrunableViT, latency_model: LatencyModel,
                     batches: Sequence[tuple[Tensor, Tensor]], calib_batches: int,
                     reconstruction: Reconstruction | None = None, device: str | torch.device = "cpu",
-                    snapshot_dir: str | Path | None = None, progress: bool = True
-                    ) -> tuple[dict[float, PrunableViT], dict[float, str]]:
+                    snapshot_dir: str | Path | None = None, progress: bool = True, state: OneShotState | None = None
+                    ) -> tuple[dict[float, PrunableViT], dict[float, str], list[dict]]:
     """Every target of a masked-output `pruner` from the first `calib_batches` calibration batches,
     each refit by `reconstruction` against `reference` (the unpruned model) and compacted. A model
     that lost something is saved under `snapshot_dir` (when given). Returns the compact models and
-    the snapshot paths, by target."""
-    compacts, snapshots = {}, {}
-    pruned = pruner(model, latency_model, batches[:calib_batches], device, progress)
-    for target, masked in pruned.items():
-        changed = masked.live_dims() != model.live_dims()
-        if reconstruction is not None and changed:
-            reconstruction(masked, reference, batches, device, progress)
-        compacts[target] = masked.compact().eval()
-        if snapshot_dir is not None and changed:
-            snapshots[target] = str(write_snapshot(compacts[target], snapshot_dir, target))
-    return compacts, snapshots
+    the snapshot paths, by target, and the pruner's history.
+
+    With `state`, SIGINT / SIGTERM stop the pipeline after the current block (the pruner's search:
+    once it returns), its state saved (`oneshot_state.py`); a resumed state goes on from there."""
+    state = state or OneShotState()  # none: nothing saved, signals left alone
+    with stop_on_signals() if state.active else nullcontext():
+        try:
+            state.begin()
+            pruned, history = _prune(pruner, model, latency_model, batches[:calib_batches], device, progress, state)
+            compacts, snapshots = {}, {}
+            for target, masked in pruned.items():
+                changed = masked.live_dims() != model.live_dims()
+                if reconstruction is not None and changed:
+                    _refit(reconstruction, target, masked, reference, batches, device, progress, state)
+                compacts[target] = masked.compact().eval()
+                if snapshot_dir is not None and changed:
+                    snapshots[target] = str(write_snapshot(compacts[target], snapshot_dir, target))
+        except StopRequested as stop:
+            state.stopped(stop)
+            raise
+    return compacts, snapshots, history
+
+
+def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batches: Sequence[tuple[Tensor, Tensor]],
+           device: str | torch.device, progress: bool, state: OneShotState
+           ) -> tuple[dict[float, PrunableViT], list[dict]]:
+    """The pruner's masked models by target and its history: computed (one step: a stop requested
+    meanwhile takes effect once it returns, its result saved), or as a saved state holds them."""
+    checkpoint = state.pruned
+    saved = checkpoint.load() if state.resume else None
+    if saved is not None:
+        set_rng_state(saved["rng"])  # as the pruner left them: later random draws are the same
+        return {float(t): _with_state(model, s) for t, s in saved["targets"].items()}, saved["history"]
+    previous = stop_after(f"the search (pruner={pruner.name}) finishes: it runs as one step")
+    pruned = pruner(model, latency_model, batches, device, progress)
+    stop_after(previous)
+    history = list(pruner.history)
+    checkpoint.save({"targets": {str(t): cpu_state(m) for t, m in pruned.items()}, "history": history,
+                     "rng": rng_state()})
+    raise_if_stop_requested(f"the search (pruner={pruner.name})")
+    return pruned, history
+
+
+def _refit(reconstruction: Reconstruction, target: float, masked: PrunableViT, reference: PrunableViT,
+           batches: Sequence[tuple[Tensor, Tensor]], device: str | torch.device, progress: bool,
+           state: OneShotState) -> None:
+    """`reconstruction` of one target's masked model, in place: computed block by block (a stop takes
+    effect after the current block, saved), resumed, or loaded once finished."""
+    checkpoint = state.refit(target)
+    saved = checkpoint.load() if state.resume else None
+    if saved is not None:
+        masked.load_state_dict(saved["model"])
+        return
+    previous = stop_after(f"the current block of the refit of target {target}")
+    try:
+        reconstruction(masked, reference, batches, device, progress, checkpoint)
+    except StopRequested as stop:
+        stop.where += f" (target {target})"
+        raise
+    stop_after(previous)
+    checkpoint.save({"model": cpu_state(masked)})
+    for part in ("least_squares", "distillation"):  # its progress: no longer needed
+        checkpoint.part(part).remove()
+
+
+def _with_state(model: PrunableViT, state: dict[str, Tensor]) -> PrunableViT:
+    copy_ = copy.deepcopy(model)
+    copy_.load_state_dict(state)
+    return copy_
 
 
 def recover(student: PrunableViT, teacher: PrunableViT, datamodule: L.LightningDataModule,

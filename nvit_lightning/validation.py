@@ -558,7 +558,15 @@ def _gpu_visible(tree: Tree) -> None:
             raise ValueError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible: use trainer=cpu")
 
 
-RELATIONS: list[Callable[[Tree], None]] = [_snapshots_above_target, _whole_patches, _gpu_visible]
+def _pruner_names_its_class(tree: Tree) -> None:
+    pruner = tree.get("pruner")
+    if isinstance(pruner, dict) and "_target_" not in pruner:
+        raise ValueError("the pruner config names no class: every pruner is built from its _target_ (see "
+                         "conf/pruner/*.yaml, e.g. _target_: nvit_lightning.pruning.GlobalRanking)")
+
+
+RELATIONS: list[Callable[[Tree], None]] = [_pruner_names_its_class, _snapshots_above_target, _whole_patches,
+                                           _gpu_visible]
 
 
 # ---- outside the config --------------------------------------------------------------------------

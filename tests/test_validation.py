@@ -293,5 +293,7 @@ def test_types_come_from_the_targets_signature() -> None:
     checkpoint = {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "every_n_train_steps": -1}
     with pytest.raises(ValueError, match=r"callbacks\.step\.every_n_train_steps must be >= 0, got -1"):
         check_config({"callbacks": {"step": checkpoint}})
-    with pytest.raises(ValueError, match=r"unknown pruner key\(s\) \['etaa'\]; build_pruning takes"):
-        check_config({"pruner": {"criterion": "hessian", "target": 0.5, "snapshots": [], "etaa": 1}})
+    with pytest.raises(ValueError, match=r"unknown pruner key\(s\) \['etaa'\]; GlobalRanking takes"):
+        check_config({"pruner": {"_target_": "nvit_lightning.pruning.GlobalRanking", "target": 0.5, "etaa": 1}})
+    with pytest.raises(ValueError, match="the pruner config names no class"):
+        check_config({"pruner": {"criterion": "hessian", "target": 0.5}})

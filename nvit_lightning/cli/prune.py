@@ -30,6 +30,8 @@ from nvit_lightning.export import onnx_mode
 from nvit_lightning.finish import finish_pruning, finish_sparsity
 from nvit_lightning.measure import calibration_data, describe_model, describe_sparse, val_accuracy
 from nvit_lightning.oneshot import prune_and_refit, recover
+from nvit_lightning.oneshot_state import check_before_hydra as check_oneshot_resume
+from nvit_lightning.oneshot_state import open_state
 from nvit_lightning.pruning import Pruner
 from nvit_lightning.resume import load_train_checkpoint
 from nvit_lightning.sparsity.distill import distill_sparse, sparse_distillation
@@ -58,6 +60,7 @@ def prune(cfg: DictConfig, pruner: Pruner) -> dict:
                          f"python train.py pruner=none")
     datamodule, model, latency_model = build_run(cfg)
     pruner.check(model, latency_model)  # an unreachable target: before the dense evaluation
+    state = open_state(cfg, "prune.py")  # ckpt_path=last: the saved one-shot state, checked
     dense_model = copy.deepcopy(model).eval()
     reconstruction = build(cfg.reconstruction) if cfg.reconstruction else None
     save_config(cfg, out_dir)
@@ -67,8 +70,8 @@ def prune(cfg: DictConfig, pruner: Pruner) -> dict:
     calib = pruner.calibration_batches(cfg.calib_batches, datamodule.batch_size)
     # decoded once, reused by the pruner and the refit
     batches = list(calibration_data(datamodule, max(calib, reconstruction.batches if reconstruction else 0)))
-    compacts, snapshots = prune_and_refit(pruner, model, dense_model, latency_model, batches, calib,
-                                          reconstruction, work_device(cfg), out_dir / "snapshots")
+    compacts, snapshots, history = prune_and_refit(pruner, model, dense_model, latency_model, batches, calib,
+                                                   reconstruction, work_device(cfg), out_dir / "snapshots", state=state)
     compact = compacts[pruner.target]
     if cfg.recovery_steps > 0:
         d = cfg.distill
@@ -77,7 +80,7 @@ def prune(cfg: DictConfig, pruner: Pruner) -> dict:
         compact = recover(compact, dense_model, datamodule, trainer, build(cfg.schedule.finetune_optimizer),
                           d.kl_weight, d.temperature, d.label_smoothing, cfg.max_nonfinite_skips)
     return finish_pruning(cfg, compact, dense, dense_model, latency_model, datamodule, loggers, pruner.describe(),
-                          snapshots, pruner.history, others=compacts, calib_batches=calib,
+                          snapshots, history, others=compacts, calib_batches=calib,
                           recovery_steps=cfg.recovery_steps, pruner=OmegaConf.to_container(cfg.pruner, resolve=True),
                           reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruction else None)
 
@@ -150,4 +153,10 @@ def main() -> None:
     setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
     check_cli_args(sys.argv[1:])  # a hydra.run.dir that cannot be a directory: one line, exit 2
     lock_explicit_run_dir(sys.argv[1:])
-    hydra_exit_codes(_main)  # Hydra's own errors (pruner=hesian, an unknown key) exit 2 too
+    check_oneshot_resume("prune", "prune.py", sys.argv[1:])  # a refused resume changes no file of the run
+    try:
+        hydra_exit_codes(_main)  # Hydra's own errors (pruner=hesian, an unknown key) exit 2 too
+    except KeyboardInterrupt:  # Ctrl-C outside the one-shot pipeline (which stops after its block, saved)
+        print("SIGINT: stopped; what the one-shot pipeline finished is kept in <run>/checkpoints/oneshot/ "
+              "(the same command with ckpt_path=last resumes it)", file=sys.stderr)
+        sys.exit(130)

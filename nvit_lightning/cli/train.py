@@ -37,6 +37,9 @@ from nvit_lightning.measure import calibration_data, describe_model, describe_sp
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
 from nvit_lightning.oneshot import prune_and_refit
+from nvit_lightning.oneshot_state import check_before_hydra as check_oneshot_resume
+from nvit_lightning.oneshot_state import has_state as has_oneshot_state
+from nvit_lightning.oneshot_state import open_state
 from nvit_lightning.pruning import Pruner
 from nvit_lightning.resume import check_before_hydra, check_resume, finetune_resume_path, resume_path
 from nvit_lightning.sparsity.distill import sparse_distillation
@@ -68,10 +71,13 @@ def prune_and_finetune(cfg: DictConfig, pruner: Pruner) -> dict:
     `gradual`), the model is compacted, stage 2 fine-tunes the compact model."""
     out_dir = Path(cfg.paths.output_dir)
     check_teacher(cfg)
-    if not pruner.gradual and cfg.ckpt_path is not None:
+    if not pruner.gradual and cfg.ckpt_path is not None and not has_oneshot_state(cfg):
         raise ValueError(f"ckpt_path resumes the pruning-while-training stage; pruner={pruner.name} prunes in one "
                          f"shot (minutes) and has no stage-1 checkpoint: run again without ckpt_path")
-    check_resume(cfg, pruner)  # the checkpoints and their settings, before any work or file written
+    # a one-shot pruner's ckpt_path=last: its saved state (checked here), then stage 2's checkpoint if any
+    oneshot = None if pruner.gradual or not is_rank_zero() else open_state(cfg, "train.py")
+    if pruner.gradual or cfg.ckpt_path is None:
+        check_resume(cfg, pruner)  # the checkpoints and their settings, before any work or file written
     datamodule, model, latency_model = build_run(cfg)
     pruner.check(model, latency_model)  # bad group sizes, an unreachable target: before the dense evaluation
     dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
@@ -102,10 +108,10 @@ def prune_and_finetune(cfg: DictConfig, pruner: Pruner) -> dict:
         calib = pruner.calibration_batches(cfg.calib_batches, datamodule.batch_size)
         batches = list(calibration_data(datamodule, max(calib, reconstruction.batches if reconstruction else 0)))
         # DDP's other ranks prune alike (the same batches and decisions) but write nothing
-        others, snapshots = prune_and_refit(pruner, model, teacher, latency_model, batches, calib, reconstruction,
-                                            device=work_device(cfg), progress=is_rank_zero(),
-                                            snapshot_dir=out_dir / "snapshots" if is_rank_zero() else None)
-        compact, step, history = others[pruner.target], 0, pruner.history
+        others, snapshots, history = prune_and_refit(
+            pruner, model, teacher, latency_model, batches, calib, reconstruction, device=work_device(cfg),
+            progress=is_rank_zero(), snapshot_dir=out_dir / "snapshots" if is_rank_zero() else None, state=oneshot)
+        compact, step = others[pruner.target], 0
 
     # ---- stage 2: fine-tune the compact model (fresh optimizer state: nothing stale survives) ---------
     if cfg.schedule.finetune_epochs > 0:
@@ -180,5 +186,6 @@ def main() -> None:
     setup_environment()  # before Hydra composes: paths.root_dir reads NVIT_ROOT
     check_cli_args(sys.argv[1:])  # a hydra.run.dir that cannot be a directory: one line, exit 2
     lock_explicit_run_dir(sys.argv[1:])
-    check_before_hydra("train", sys.argv[1:])  # a refused resume (ckpt_path) changes no file of the run
+    if not check_oneshot_resume("train", "train.py", sys.argv[1:]):  # a one-shot stage 1's saved state
+        check_before_hydra("train", sys.argv[1:])  # a refused resume (ckpt_path) changes no file of the run
     hydra_exit_codes(_main)  # Hydra's own errors (pruner=hesian, an unknown key) exit 2 too

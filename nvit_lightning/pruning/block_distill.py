@@ -27,7 +27,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..models import PrunableViT
 from ..models.compact import load_compact_into
+from .interrupt import Checkpoint, cpu_state, raise_if_stop_requested
 from .reconstruct import FitResult
 
 
@@ -61,13 +62,17 @@ class BlockDistillation:
 
     def __call__(self, model: PrunableViT, reference: PrunableViT, images: Sequence[Tensor],
                  device: str | torch.device = "cpu", progress: bool = True,
-                 masks: Mapping[str, Tensor] | None = None) -> list[FitResult]:
+                 masks: Mapping[str, Tensor] | None = None, checkpoint: Checkpoint | None = None) -> list[FitResult]:
         """Tune the blocks of `model` in place against `reference` on `images` (batches of images);
         returns every block's relative error `‖ours − dense‖² / ‖dense‖²` before and after.
 
         `model` is either structurally masked (trained in compact form, written back) or, with
         `masks` (parameter name -> 1 where the weight may be nonzero, e.g. `sparsity.weight_masks`),
-        a mask-free sparse model whose masked weights stay exactly zero."""
+        a mask-free sparse model whose masked weights stay exactly zero.
+
+        With `checkpoint`, every tuned block is saved (the student's weights, the generator's state)
+        and a stop requested (`interrupt.py`) takes effect after it; a call with a saved state goes
+        on from the next block with the same mini-batches, as if never stopped."""
         if model.masked == (masks is not None):
             raise ValueError("block distillation works on the masked model (before compact()), or on a mask-free "
                              "sparse model with its weight masks (masks=...)")
@@ -79,7 +84,8 @@ class BlockDistillation:
         student = model.to(device).compact().eval() if model.masked else model.to(device).eval()
         try:
             results = self._distill(student, reference, images, device, progress,
-                                    model.emb_mask.nonzero().flatten() if model.masked else None, masks or {})
+                                    model.emb_mask.nonzero().flatten() if model.masked else None, masks or {},
+                                    checkpoint or Checkpoint(None))
         finally:
             model.train(modes[0])
             reference.train(modes[1])
@@ -89,21 +95,25 @@ class BlockDistillation:
 
     def _distill(self, student: PrunableViT, reference: PrunableViT, images: Sequence[Tensor],
                  device: torch.device, progress: bool, live_emb: Tensor | None,
-                 masks: Mapping[str, Tensor]) -> list[FitResult]:
+                 masks: Mapping[str, Tensor], checkpoint: Checkpoint) -> list[FitResult]:
         """Every block of `student` in order, on the stream its tuned predecessors produce; `live_emb`:
         the dense stream's channels the student has (None: all)."""
         ref_mask = reference.emb_mask_or_none
+        start, results, generator = self._resume(student, checkpoint.load())
+        if start == len(student.blocks):
+            return results
         with torch.no_grad():
             ours = torch.cat([student.embed(x.to(device).float()) for x in images])  # n, tokens, live emb
             theirs = torch.cat([reference.embed(x.to(device).float()) for x in images])  # n, tokens, emb
-        generator = torch.Generator().manual_seed(self.seed)
-        results = []
         bar = tqdm(list(zip(student.blocks, reference.blocks)), desc="block distillation", leave=False,
                    disable=not progress)
         for i, (block, dense_block) in enumerate(bar):
             with torch.no_grad():
                 theirs = _chunked(functools.partial(dense_block, emb_mask=ref_mask), theirs, self.batch_size)
                 target = theirs if live_emb is None else theirs[..., live_emb]
+                if i < start:  # tuned before a stop: its output, from its saved weights
+                    ours = _chunked(block, ours, self.batch_size)
+                    continue
                 before = _relative_error(_chunked(block, ours, self.batch_size), target)
             held = {p: masks[f"blocks.{i}.{name}"].to(p.device, p.dtype)
                     for name, p in block.named_parameters() if f"blocks.{i}.{name}" in masks}
@@ -118,7 +128,21 @@ class BlockDistillation:
                 ours = tuned
             results.append(FitResult(f"blocks.{i}", before, after))
             bar.set_postfix(error=f"{results[-1].error_before:.3f}->{results[-1].error_after:.3f}")
+            if checkpoint.active:  # saved, then stopped if asked: nothing done is lost
+                checkpoint.save({"blocks_done": i + 1, "student": cpu_state(student),
+                                 "generator": generator.get_state(), "results": [asdict(r) for r in results]})
+                raise_if_stop_requested(f"block {i + 1} of {len(student.blocks)} of block distillation")
         return results
+
+    def _resume(self, student: PrunableViT, saved: dict | None) -> tuple[int, list[FitResult], torch.Generator]:
+        """The blocks done, their results and the generator, fresh or as a saved state left them (its
+        weights loaded into `student`)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        if saved is None:
+            return 0, [], generator
+        student.load_state_dict(saved["student"])
+        generator.set_state(saved["generator"])
+        return saved["blocks_done"], [FitResult(**r) for r in saved["results"]], generator
 
     def _train(self, block: nn.Module, inputs: Tensor, target: Tensor, held: Mapping[nn.Parameter, Tensor],
                generator: torch.Generator) -> None:

@@ -21,7 +21,7 @@ compacts exactly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..models import PrunableViT
+from .interrupt import Checkpoint, cpu_state, raise_if_stop_requested, stop_requested
 
 if TYPE_CHECKING:
     from .block_distill import BlockDistillation
@@ -118,13 +119,18 @@ class _Refit:
 @torch.no_grad()
 def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Tensor | Sequence[Tensor]],
                 layers: Sequence[str] = ("proj", "fc2"), target: str = "reference", damping: float = 0.01,
-                device: str | torch.device = "cpu", progress: bool = True) -> list[FitResult]:
+                device: str | torch.device = "cpu", progress: bool = True,
+                checkpoint: Checkpoint | None = None) -> list[FitResult]:
     """Refit `layers` of the masked `model` block by block so that it reproduces `reference` (the
     model before pruning, same weights layout) on `images` (tensors, or (images, labels) batches).
 
     Each block's plan is its `branches()`: per residual branch, the layers reading the normed stream
     (`qkv` / `fc1`), then the one writing into it (`proj` / `fc2`, through LayerScale if any).
     Returns the relative error of every refit layer before and after its refit.
+
+    With `checkpoint`, a stop requested (`interrupt.py`) takes effect after the current block, its
+    state saved there (and at the end); a call with a saved state goes on from the next block, the
+    streams of the blocks done recomputed from their saved weights.
     """
     _check_options(layers, target, damping)
     if not model.masked:
@@ -137,15 +143,20 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
         raise ValueError("reconstruct needs at least one calibration batch")
     emb_mask, ref_mask = model.emb_mask, reference.emb_mask_or_none
     emb = model.emb_mask.nonzero().flatten()
+    checkpoint = checkpoint or Checkpoint(None)
+    start, results = _resume_refit(model, checkpoint.load())
+    n_blocks = len(model.blocks)
+    if start == n_blocks:
+        return results
     ours = [model.embed(x.float()) for x in batches]  # the pruned model's residual stream
     theirs = [reference.embed(x.float()) for x in batches]  # the reference model's
-    results: list[FitResult] = []
     for i, (block, ref) in enumerate(tqdm(list(zip(model.blocks, reference.blocks)), desc="reconstruct",
                                           leave=False, disable=not progress)):
+        fit_now = i >= start  # the blocks before `start` only carry the streams
         for branch, ref_branch in zip(block.branches(), ref.branches()):
             name = f"blocks.{i}.{branch.name}"
             normed = [branch.norm(x, emb_mask) for x in ours]
-            if branch.reader_option in layers:  # q, k, v / fc1: the reference's projections of its stream
+            if fit_now and branch.reader_option in layers:  # q, k, v / fc1: the reference's projections of its stream
                 ref_readers = ref_branch.mixer.readers()
                 fits = {n: _Refit(f"{name}.{n}", linear, rows, emb)
                         for n, (linear, rows) in branch.mixer.readers().items()}
@@ -156,7 +167,7 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
                 results += [fit.apply(damping) for fit in fits.values()]
             inner = [branch.mixer.inner(h) for h in normed]  # heads' outputs / hidden activations
             ref_out = [ref_branch(x, ref_mask) for x in theirs]
-            if branch.writer_option in layers:  # proj / fc2: what the branch should add to the stream
+            if fit_now and branch.writer_option in layers:  # proj / fc2: what the branch should add to the stream
                 writer, cols = branch.mixer.writer()
                 fit = _Refit(f"{name}.{branch.writer_option}", writer, emb, cols, branch.scale)
                 for x, o, x_ref, r in zip(ours, inner, theirs, ref_out):
@@ -164,7 +175,20 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
                 results.append(fit.apply(damping))
             ours = [x + branch.write(o, emb_mask) for x, o in zip(ours, inner)]
             theirs = [x + r for x, r in zip(theirs, ref_out)]
+        if fit_now and checkpoint.active:  # saved when stopping here (and at the end), then stopped if asked
+            if stop_requested() or i == n_blocks - 1:
+                checkpoint.save({"blocks_done": i + 1, "model": cpu_state(model),
+                                 "results": [asdict(r) for r in results]})
+            raise_if_stop_requested(f"block {i + 1} of {n_blocks} of the least-squares refit")
     return results
+
+
+def _resume_refit(model: PrunableViT, saved: dict | None) -> tuple[int, list[FitResult]]:
+    """The blocks done and their results by a saved refit (its weights loaded into `model`)."""
+    if saved is None:
+        return 0, []
+    model.load_state_dict(saved["model"])
+    return saved["blocks_done"], [FitResult(**r) for r in saved["results"]]
 
 
 def image_batches(batches: Iterable[Tensor | Sequence[Tensor]]) -> list[Tensor]:
@@ -201,9 +225,16 @@ class Reconstruction:
             raise ValueError(f"reconstruction.batches must be >= 1, got {self.batches}")
 
     def __call__(self, model: PrunableViT, reference: PrunableViT, batches: Sequence[Tensor | Sequence[Tensor]],
-                 device: str | torch.device = "cpu", progress: bool = True) -> list[FitResult]:
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 checkpoint: Checkpoint | None = None) -> list[FitResult]:
+        """Refit `model` in place. With `checkpoint`, each part stops after its current block when a stop
+        is requested, saved beside it (`<stem>.least_squares.pt`, `<stem>.distillation.pt`), and goes on
+        from there when called again."""
+        checkpoint = checkpoint or Checkpoint(None)
         batches = list(batches)[: self.batches]
-        results = reconstruct(model, reference, batches, self.layers, self.target, self.damping, device, progress)
+        results = reconstruct(model, reference, batches, self.layers, self.target, self.damping, device, progress,
+                              checkpoint.part("least_squares"))
         if self.distillation is not None:
-            results += self.distillation(model, reference, image_batches(batches), device, progress)
+            results += self.distillation(model, reference, image_batches(batches), device, progress,
+                                         checkpoint=checkpoint.part("distillation"))
         return results

@@ -1,0 +1,273 @@
+"""An interruptible one-shot pipeline (issue #30, item 5): SIGINT / SIGTERM during prune.py's search,
+refit or block distillation stop after the current block, save the state under
+`<run>/checkpoints/oneshot/`, print the command that resumes; `ckpt_path=last` ends with the same
+model as an uninterrupted run (bit for bit); a resume with another config is refused in one line.
+
+The real entry point (`cli.prune.main`, what `python prune.py` runs) in this process, on a 2-block
+model; the signal is a real one, sent to this process from inside the pipeline (after block k of a
+step patched to send it). One run goes through a new interpreter, as a user's does."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nvit_lightning.pruning import block_distill, reconstruct, search
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the latency search to 0.85 and 0.7 (in that order), then 2 blocks distilled per target; no least-squares
+# refit (on this random model it leaves block distillation nothing to improve: every block would keep its
+# refit weights, and a resume would be trivially exact); train.py's test below stops the refit
+ONESHOT = ["model=small_random", "data=synthetic", "latency=flops", "latency.tokens=17", "logger=none",
+           "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "evaluate=false",
+           "measure_latency=false", "pruner=obs_search", "pruner.group_sizes.mlp=8", "calib_batches=2",
+           "pruner.target=0.7", "pruner.snapshots=[0.85]"]
+RUN = [*ONESHOT, "reconstruction=block_distill", "reconstruction.batches=2", "reconstruction.layers=[]",
+       "reconstruction.distillation.epochs=1", "reconstruction.distillation.batch_size=8",
+       "reconstruction.distillation.lr=1e-4"]
+
+
+def run_main(run_dir: Path, *overrides: str, script: str = "prune", run: list[str] = RUN) -> int:
+    """`python <script>.py <run> overrides hydra.run.dir=<run_dir>` in this process (`cli.<script>.main`,
+    the function the script runs): its exit code."""
+    from nvit_lightning import runlock
+    from nvit_lightning.cli import prune, train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [f"{script}.py", *run, *overrides, f"hydra.run.dir={run_dir}"])
+        patch.delenv("HYDRA_FULL_ERROR", raising=False)
+        try:
+            {"prune": prune, "train": train}[script].main()
+        except SystemExit as stopped:
+            return stopped.code
+        finally:
+            runlock.release(run_dir)  # what the process's exit would do
+    return 0
+
+
+def main(capfd: pytest.CaptureFixture, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`run_main`, with its output."""
+    capfd.readouterr()
+    code = run_main(run_dir, *overrides)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["prune.py", *overrides], code, out, err)
+
+
+def signal_at(patch: pytest.MonkeyPatch, owner: type, method: str, call: int, signal_name: str = "SIGTERM") -> None:
+    """Send this process `signal_name` at the `call`-th call of `owner.method` (a pre-empted job)."""
+    original, calls = getattr(owner, method), []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return original(*args, **kwargs)
+
+    patch.setattr(owner, method, patched)
+
+
+def resume_line(run_dir: Path) -> str:
+    return " ".join(["python", "prune.py", *map(shlex.quote, RUN), f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def assert_bit_identical(resumed: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert resumed.keys() == reference.keys()
+    differ = [k for k in reference if not torch.equal(resumed[k], reference[k])]
+    assert not differ, f"{len(differ)} of {len(reference)} tensors differ: {differ}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run_main(run_dir) == 0
+    return weights(run_dir)
+
+
+# `python prune.py ...` in a new interpreter, sent `signal` (a real one) while block distillation
+# trains its `call`-th block (calls 1, 2: target 0.85; 3, 4: target 0.7)
+_INTERRUPTED = """
+import os, signal, sys
+from nvit_lightning.cli import prune
+from nvit_lightning.pruning import block_distill
+signal_name, call, calls, train = sys.argv[1], int(sys.argv[2]), [], block_distill.BlockDistillation._train
+def _train(self, *args):
+    calls.append(1)
+    if len(calls) == call:
+        os.kill(os.getpid(), getattr(signal, signal_name))
+    return train(self, *args)
+block_distill.BlockDistillation._train = _train
+sys.argv = ["prune.py", *sys.argv[3:]]
+prune.main()
+"""
+
+
+def interrupted_run(run_dir: Path, signal_name: str, call: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, "-c", _INTERRUPTED, signal_name, str(call), *RUN,
+                           f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SIGTERM while the first block of target 0.7 is distilled (the 0.85 model is done)."""
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, block_distill.BlockDistillation, "_train", call=3)
+        assert run_main(run_dir) == 143
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_sigterm_during_block_distillation_saves_and_resumes_bit_identically(
+        capfd: pytest.CaptureFixture, interrupted: Path, uninterrupted: dict[str, torch.Tensor],
+        tmp_path: Path) -> None:
+    run_dir = copy_of(interrupted, tmp_path)
+    state = run_dir / "checkpoints" / "oneshot"
+    assert not (run_dir / "model").exists()
+    assert sorted(p.name for p in state.iterdir()) == ["fingerprint.json", "pruned.pt", "target_0.70.distillation.pt",
+                                                       "target_0.70.least_squares.pt", "target_0.85.pt"]
+    progress = torch.load(state / "target_0.70.distillation.pt", weights_only=True)
+    assert progress["blocks_done"] == 1 and set(progress) == {"blocks_done", "student", "generator", "results"}
+    assert progress["results"][0]["error_after"] < progress["results"][0]["error_before"]  # the block was tuned
+
+    with pytest.MonkeyPatch.context() as patch:  # the search and the finished blocks are not redone
+        patch.setattr(search.LatencySearch, "traces", lambda *a, **k: pytest.fail("the search ran again"))
+        trained = []
+        original = block_distill.BlockDistillation._train
+        patch.setattr(block_distill.BlockDistillation, "_train", lambda *a: trained.append(1) or original(*a))
+        done = main(capfd, run_dir, "ckpt_path=last")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert trained == [1]  # the second block of target 0.7 only
+    assert_bit_identical(weights(run_dir), uninterrupted)
+    assert not (state / "target_0.70.distillation.pt").exists() and (state / "target_0.70.pt").is_file()
+
+
+def test_the_stop_message_names_the_block_and_the_command(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, block_distill.BlockDistillation, "_train", call=1)
+        done = main(capfd, run_dir)
+    assert done.returncode == 143
+    output = done.stdout + done.stderr
+    assert "SIGTERM: stopping after the current block of the refit of target 0.85" in output
+    assert (f"SIGTERM: stopped after block 1 of 2 of block distillation (target 0.85); state saved in "
+            f"{run_dir}/checkpoints/oneshot; resume with: {resume_line(run_dir)}") in output
+    assert "Traceback" not in output
+
+
+def test_a_stop_during_the_search_takes_effect_when_it_returns(
+        capfd: pytest.CaptureFixture, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, search.LatencySearch, "traces", call=1)
+        done = main(capfd, run_dir)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "SIGTERM: stopping after the search (pruner=obs_search) finishes" in done.stdout + done.stderr
+    assert "stopped after the search (pruner=obs_search)" in done.stdout + done.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "oneshot").iterdir()) == ["fingerprint.json", "pruned.pt"]
+    assert main(capfd, run_dir, "ckpt_path=last").returncode == 0
+    assert_bit_identical(weights(run_dir), uninterrupted)
+
+
+@pytest.mark.parametrize("override", ["reconstruction.distillation.epochs=3", "pruner.target=0.6", "seed=1",
+                                      "data.train.num_samples=24", "model.dims.mlp=[96,96]"])
+def test_a_resume_with_another_config_is_refused_and_changes_nothing(
+        capfd: pytest.CaptureFixture, interrupted: Path, tmp_path: Path, override: str) -> None:
+    run_dir = copy_of(interrupted, tmp_path)
+    before = files(run_dir)
+    done = main(capfd, run_dir, override, "ckpt_path=last")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    key = override.split("=")[0]  # seed=1 shows as data.seed, its first use
+    assert lines[0].startswith(f"error: cannot resume the one-shot state in {run_dir}/checkpoints/oneshot: it was "
+                               f"saved with {'data.seed' if key == 'seed' else key}="), lines
+    assert files(run_dir) == before
+
+
+def test_nothing_to_resume_is_one_line(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
+    done = main(capfd, tmp_path, "ckpt_path=last")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: ckpt_path=last: no one-shot state in {tmp_path}/checkpoints/oneshot (set "
+                                f"hydra.run.dir to the interrupted run, or run without ckpt_path)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = interrupted_run(run_dir, "SIGINT", 1)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr and "KeyboardInterrupt" not in done.stderr
+    assert "SIGINT: stopping after the current block of the refit of target 0.85" in done.stdout
+    assert "SIGINT: stopped after block 1 of 2 of block distillation (target 0.85)" in done.stdout
+    assert f"resume with: {resume_line(run_dir)}" in done.stdout
+    assert (run_dir / "checkpoints" / "oneshot" / "target_0.85.distillation.pt").is_file()
+
+
+# train.py's one-shot stage 1 (the search, the least-squares refit), then one epoch of stage 2
+TRAIN = [*ONESHOT, "reconstruction=least_squares", "reconstruction.batches=2", "schedule.finetune_epochs=1",
+         "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "~callbacks.progress_bar"]
+
+
+def test_train_py_resumes_its_one_shot_stage(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert run_main(tmp_path / "full", script="train", run=TRAIN) == 0
+    run_dir = tmp_path / "run"
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as patch:  # after block 1 of target 0.7's refit (0.85's is done)
+        signal_at(patch, reconstruct._Refit, "apply", call=7)  # fc1, proj, fc2 per block
+        assert run_main(run_dir, script="train", run=TRAIN) == 143
+    out, err = capfd.readouterr()
+    command = " ".join(["python", "train.py", *map(shlex.quote, TRAIN), f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+    assert (f"SIGTERM: stopped after block 1 of 2 of the least-squares refit (target 0.7); state saved in "
+            f"{run_dir}/checkpoints/oneshot; resume with: {command}") in out + err
+    state = run_dir / "checkpoints" / "oneshot"
+    assert torch.load(state / "target_0.70.least_squares.pt", weights_only=True)["blocks_done"] == 1
+    assert (state / "target_0.85.pt").is_file() and not (run_dir / "model").exists()
+    assert run_main(run_dir, "ckpt_path=last", script="train", run=TRAIN) == 0
+    assert_bit_identical(weights(run_dir), weights(tmp_path / "full"))
+
+
+def test_ctrl_c_outside_the_pipeline_is_one_line_too(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from nvit_lightning.cli import prune
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the dense evaluation
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prune, "describe_model", interrupted)
+        done = main(capfd, tmp_path)
+    assert done.returncode == 130 and "Traceback" not in done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1].startswith("SIGINT: stopped; what the one-shot pipeline finished is kept in")
+
+
+def test_a_damaged_state_file_is_one_line_naming_it(capfd: pytest.CaptureFixture, interrupted: Path,
+                                                    tmp_path: Path) -> None:
+    run_dir = copy_of(interrupted, tmp_path)
+    damaged = run_dir / "checkpoints" / "oneshot" / "pruned.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    done = main(capfd, run_dir, "ckpt_path=last")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (f"error: {damaged} is not readable (RuntimeError): delete it to redo "
+                                            f"that step, or start a new run")
