@@ -44,6 +44,11 @@ UNIT_GROUPS = dict.fromkeys(("emb", "head", "qk", "v", "mlp"), 1)
 OURS: dict[str, list[str]] = {
     "ours": [],
     "ours + block distillation": ["reconstruction=block_distill"],
+    # issue 28: whole sub-layers (depth) and head widths (qk = v) among the search's options
+    "ours + depth + block distillation": ["reconstruction=block_distill", "pruner.depth=true"],
+    "ours + depth + head widths + block distillation": ["reconstruction=block_distill", "pruner.depth=true",
+                                                        "pruner.head_dims=true"],
+    "ours + depth + head widths": ["pruner.depth=true", "pruner.head_dims=true"],
     "ours, no reconstruction": ["reconstruction=none"],
     "saliency events (hessian) + reconstruction": ["pruner=oneshot"],
     "NViT paper ranking (hessian, η=0, every kind), no reconstruction": [
@@ -79,14 +84,27 @@ def our_candidates(overrides: list[str], grid: list[float], batches: Batches) ->
 
 
 def _masks(model: PrunableViT) -> dict:
-    return {k: v.detach().clone() for k, v in model.masks().items()}
+    """The masks of a pruned model, and its q / k weights: the search's head widths (head_dims) write
+    low-rank fits of the logits there, which the dense weights under the same masks would not have."""
+    masks = {k: v.detach().clone() for k, v in model.masks().items()}
+    return {**masks, **{k: v.detach().clone() for k, v in model.state_dict().items()
+                        if ".attn.q." in k or ".attn.k." in k}}
+
+
+def _apply(model: PrunableViT, masks: dict) -> PrunableViT:
+    """`_masks` put back: q / k weights loaded, then masks set (zeroing the pruned slices)."""
+    with torch.no_grad():
+        for name, value in masks.items():
+            if not name.endswith("mask"):
+                model.get_parameter(name).copy_(value)
+    Structure(model, UNIT_GROUPS).set_masks({k: v for k, v in masks.items() if k.endswith("mask")})
+    return model
 
 
 def materialise(dense: PrunableViT, masks: dict, overrides: list[str], batches: Batches) -> PrunableViT:
     """The compact model of a candidate: masks applied to the dense weights, refit when configured."""
     cfg, *_ = load_setup(overrides)
-    model = copy.deepcopy(dense)
-    Structure(model, UNIT_GROUPS).set_masks(masks)
+    model = _apply(copy.deepcopy(dense), masks)
     if cfg.reconstruction:
         build(cfg.reconstruction)(model, dense, batches)
     return model.compact().eval()
@@ -184,8 +202,7 @@ def main() -> None:
             if path_key not in pruned_masks:
                 pruned_masks[path_key] = our_candidates(overrides, grid, batches)
             for knob, masks in pruned_masks[path_key].items():
-                model = copy.deepcopy(dense)
-                Structure(model, UNIT_GROUPS).set_masks(masks)
+                model = _apply(copy.deepcopy(dense), masks)
                 candidates.setdefault(method, {})[knob] = (
                     prunable_spec(model), lambda m=masks, o=overrides: materialise(dense, m, o, batches))
         else:

@@ -275,8 +275,8 @@ def test_dims_round_trip_and_validation(tmp_path) -> None:
     assert ViTDims.load(tmp_path / "d.json") == d
     with pytest.raises(ValueError, match="one entry per block"):
         ViTDims(64, (2, 1), (16,), (8, 8), (32, 48))
-    with pytest.raises(ValueError, match=">= 1"):
-        ViTDims(64, (0, 1), (16, 8), (8, 8), (32, 48))
+    with pytest.raises(ValueError, match=">= 1"):  # 0 heads / 0 MLP neurons are allowed (depth), 0 qk is not
+        ViTDims(64, (2, 1), (0, 8), (8, 8), (32, 48))
 
 
 def test_masks_cover_every_kind() -> None:

@@ -28,8 +28,9 @@ class ViTDims:
         lengths = {len(self.heads), len(self.qk), len(self.v), len(self.mlp)}
         if len(lengths) != 1:
             raise ValueError(f"ViTDims: heads/qk/v/mlp must have one entry per block, got {self}")
-        if self.emb < 1 or min(self.heads + self.qk + self.v + self.mlp) < 1:
-            raise ValueError(f"ViTDims: every width must be >= 1, got {self}")
+        # heads = 0 / mlp = 0: a removed attention / MLP sub-layer (depth pruning), only its bias is left
+        if self.emb < 1 or min(self.qk + self.v) < 1 or min(self.heads + self.mlp) < 0:
+            raise ValueError(f"ViTDims: emb, qk and v must be >= 1 and heads, mlp >= 0, got {self}")
 
     @classmethod
     def uniform(cls, emb: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> ViTDims:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,11 @@ class Attention(nn.Module):
             x = x * self.head_mask[:, None, None]
         return x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
 
+    @property
+    def removed(self) -> bool:
+        """A compact attention with no heads left (depth pruning): its output is proj's bias."""
+        return self.num_heads == 0
+
     def inner(self, x: Tensor) -> Tensor:
         return self.attend(x)
 
@@ -200,6 +206,11 @@ class Mlp(nn.Module):
         """The activations of the hidden neurons: the input of `fc2` (B, N, hidden)."""
         x = self.act(self.fc1(x))
         return x * self.mask if self.masked else x
+
+    @property
+    def removed(self) -> bool:
+        """A compact MLP with no neurons left (depth pruning): its output is fc2's bias."""
+        return self.fc1.out_features == 0
 
     def inner(self, x: Tensor) -> Tensor:
         return self.hidden(x)
@@ -244,6 +255,10 @@ class Branch:
 
     def __call__(self, x: Tensor, emb_mask: Tensor | None = None) -> Tensor:
         """The branch's contribution to the stream x (B, N, emb): what the block adds to x."""
+        if self.mixer.removed:  # no heads / neurons left: the writer's bias is all it adds (no norm, no GEMM)
+            writer = self.mixer.writer()[0]
+            return _apply_emb_mask(self.layer_scale(self.mixer.out(x.new_zeros(1, 1, writer.in_features))),
+                                   emb_mask).expand(x.shape)
         # the mixer is called as a module (not inner + out) so its forward hooks run, e.g. saliency gates
         return _apply_emb_mask(self.layer_scale(self.mixer(self.norm(x, emb_mask))), emb_mask)
 
@@ -255,12 +270,16 @@ class Block(nn.Module):
                  init_values: float | None = None, qk_norm: bool = False, norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.norm1 = MaskedLayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qk_dim, v_dim, qkv_bias, scale_dim, attn_drop, drop, masked,
-                              qk_norm, norm_eps)
+        with warnings.catch_warnings():  # a removed sub-layer (0 heads / neurons) has zero-element weights
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+            self.attn = Attention(dim, num_heads, qk_dim, v_dim, qkv_bias, scale_dim, attn_drop, drop, masked,
+                                  qk_norm, norm_eps)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = MaskedLayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim, drop, masked)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+            self.mlp = Mlp(dim, mlp_dim, drop, masked)
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -141,12 +141,19 @@ class LookupTableLatency(LatencyModel):
     `same_qk_v_ms` table (emb, heads, d, mlp), profiled at qk = v = d, serves rows with qk == v, and
     `block_ms` holds the latency with the kernels that accept qk ≠ v (profiled with the equal-dims-only
     kernels disabled, so its grid points with qk == v are smooth with their neighbours).
+
+    Depth pruning (heads = 0 or mlp = 0: a removed attention / MLP sub-layer, which runs no norm and
+    no product, only adds its writer's bias) is priced from the optional `no_attn_ms` table (emb, mlp):
+    a block without attention. A block without MLP is the full block at the grid's smallest mlp minus
+    the no-attention block there; a block with neither costs 0. Without that table, both are the
+    linear extrapolation of the 5-D table to heads = 0 / mlp = 0 (which keeps the removed sub-layer's
+    fixed costs: an overestimate).
     """
 
     def __init__(self, grid: dict[str, list[int | float]], block_ms: Tensor | list,
                  base_emb: list[int | float], base_ms: list[float], meta: dict | None = None,
                  same_qk_v_grid: list[int | float] | None = None,
-                 same_qk_v_ms: Tensor | list | None = None) -> None:
+                 same_qk_v_ms: Tensor | list | None = None, no_attn_ms: Tensor | list | None = None) -> None:
         missing = set(AXES) - set(grid)
         if missing:
             raise ValueError(f"latency table grid misses axes {sorted(missing)}; needs {AXES}")
@@ -169,6 +176,10 @@ class LookupTableLatency(LatencyModel):
             self.same_qk_v_ms = torch.as_tensor(same_qk_v_ms, dtype=torch.float64).reshape(
                 len(self.grid["emb"]), len(self.grid["heads"]), len(self.same_qk_v_grid),
                 len(self.grid["mlp"]))
+        self.no_attn_ms = None
+        if no_attn_ms is not None:
+            self.no_attn_ms = torch.as_tensor(no_attn_ms, dtype=torch.float64).reshape(
+                len(self.grid["emb"]), len(self.grid["mlp"]))
         self.meta = dict(meta or {})
         m = self.meta
         self.tokens = m.get("tokens")
@@ -180,6 +191,50 @@ class LookupTableLatency(LatencyModel):
         rows = _as_rows(block_dims)
         out_dtype, device = _out_dtype(rows), rows.device
         x = rows.detach().to("cpu", torch.float64)
+        removed = (x[:, 1] == 0) | (x[:, 4] == 0)
+        if bool(removed.any()):  # depth pruning: a removed attention and / or MLP sub-layer
+            result = torch.empty(len(x), dtype=torch.float64)
+            if bool((~removed).any()):
+                result[~removed] = self._full_blocks(x[~removed])
+            result[removed] = self._removed_sublayers(x[removed])
+            return result.to(device=device, dtype=out_dtype)
+        return self._full_blocks(x).to(device=device, dtype=out_dtype)
+
+    def _removed_sublayers(self, x: Tensor) -> Tensor:
+        """Rows with heads == 0 and / or mlp == 0 (see the class doc)."""
+        out = torch.zeros(len(x), dtype=torch.float64)
+        no_attn, no_mlp = (x[:, 1] == 0) & (x[:, 4] > 0), (x[:, 4] == 0) & (x[:, 1] > 0)
+        mlp = self.grid["mlp"]
+        if bool(no_attn.any()):
+            r = x[no_attn]
+            if self.no_attn_ms is not None:
+                out[no_attn] = _interpolate(self.no_attn_ms, [self.grid["emb"], mlp], r[:, [0, 4]], ["emb", "mlp"])
+            else:
+                out[no_attn] = self._extrapolate_to_zero(r, 1)
+        if bool(no_mlp.any()):
+            r = x[no_mlp]
+            if self.no_attn_ms is not None:
+                at = r.clone()
+                at[:, 4] = mlp[0]
+                mlp_part = _interpolate(self.no_attn_ms, [self.grid["emb"], mlp], at[:, [0, 4]], ["emb", "mlp"])
+                out[no_mlp] = (self._full_blocks(at) - mlp_part).clamp_min(0)
+            else:
+                out[no_mlp] = self._extrapolate_to_zero(r, 4)
+        return out
+
+    def _extrapolate_to_zero(self, x: Tensor, axis: int) -> Tensor:
+        """The 5-D table extended linearly from its two smallest grid points on `axis` to 0 there."""
+        grid = self.grid[AXES[axis]]
+        if len(grid) < 2:
+            raise ValueError(f"latency table: cannot price {AXES[axis]}=0 from a one-point grid; re-profile "
+                             f"with depth pruning (python -m nvit_lightning.pruning.profiler depth ...)")
+        lo, hi = x.clone(), x.clone()
+        lo[:, axis], hi[:, axis] = grid[0], grid[1]
+        f_lo, f_hi = self._full_blocks(lo), self._full_blocks(hi)
+        return (f_lo - float(grid[0]) * (f_hi - f_lo) / float(grid[1] - grid[0])).clamp_min(0)
+
+    def _full_blocks(self, x: Tensor) -> Tensor:
+        """Float64 rows of blocks with both sub-layers."""
         result = _interpolate(self.block_ms, [self.grid[a] for a in AXES], x, list(AXES))
         if self.same_qk_v_ms is not None:
             d = self.same_qk_v_grid
@@ -188,7 +243,7 @@ class LookupTableLatency(LatencyModel):
                 grids = [self.grid["emb"], self.grid["heads"], d, self.grid["mlp"]]
                 result[same] = _interpolate(self.same_qk_v_ms, grids, x[same][:, [0, 1, 2, 4]],
                                             ["emb", "heads", "qk=v", "mlp"])
-        return result.to(device=device, dtype=out_dtype)
+        return result
 
     def base_latency(self, emb: int | float) -> float:
         x = torch.tensor([[float(emb)]], dtype=torch.float64)
@@ -197,7 +252,8 @@ class LookupTableLatency(LatencyModel):
     def describe(self) -> str:
         m = self.meta
         sizes = "x".join(str(len(self.grid[a])) for a in AXES)
-        same = "" if self.same_qk_v_ms is None else " + qk=v table"
+        same = ("" if self.same_qk_v_ms is None else " + qk=v table") + (
+            "" if self.no_attn_ms is None else " + no-attention table")
         return (f"LookupTableLatency({m.get('model', '?')} on {m.get('device', '?')}, {m.get('dtype', '?')}, "
                 f"batch {m.get('batch_size', '?')}, tokens {m.get('tokens', '?')}, "
                 f"threads {m.get('num_threads', '?')}, grid {sizes}{same})")
@@ -211,6 +267,8 @@ class LookupTableLatency(LatencyModel):
             data["same_qk_v_ms"] = {"axes": ["emb", "heads", "qk=v", "mlp"],
                                     "qk_v": _json_numbers(self.same_qk_v_grid),
                                     "ms": self.same_qk_v_ms.tolist()}
+        if self.no_attn_ms is not None:
+            data["no_attn_ms"] = {"axes": ["emb", "mlp"], "ms": self.no_attn_ms.tolist()}
         return data
 
     def save(self, path: str | Path) -> Path:
@@ -228,7 +286,8 @@ class LookupTableLatency(LatencyModel):
             raise ValueError(f"{source} is not a latency table: missing keys {sorted(missing)}")
         same = data.get("same_qk_v_ms") or {}
         return cls(data["grid"], data["block_ms"], data["base_ms"]["emb"], data["base_ms"]["ms"],
-                   data.get("meta", {}), same.get("qk_v"), same.get("ms"))
+                   data.get("meta", {}), same.get("qk_v"), same.get("ms"),
+                   (data.get("no_attn_ms") or {}).get("ms"))
 
     @classmethod
     def load(cls, path: str | Path, expect_tokens: int | None = None,
@@ -244,7 +303,7 @@ class LookupTableLatency(LatencyModel):
             raise CorruptTableError(f"latency table {path} is corrupt ({type(err).__name__}: {err}); delete it (a "
                              f"profiled table is rebuilt at the next run) or set latency.path") from None
         except (RuntimeError, ValueError) as err:  # torch's reshape: values that do not fit the grid; a bad grid
-            what = "its block_ms (or same_qk_v_ms) does not fit its grid: " \
+            what = "its block_ms (or same_qk_v_ms / no_attn_ms) does not fit its grid: " \
                 if isinstance(err, RuntimeError) else ""
             raise CorruptTableError(f"latency table {path} is corrupt ({what}{str(err).splitlines()[0]}); delete it "
                                     f"(a profiled table is rebuilt at the next run) or set latency.path") from None

@@ -2,6 +2,7 @@
 
     python -m nvit_lightning.pruning.profiler profile --preset deit_tiny --batch-size 32 \\
         --device cpu --dtype float32 --out data/latency/deit_tiny_cpu_b32.json
+    python -m nvit_lightning.pruning.profiler depth --table data/latency/deit_tiny_cpu_b32.json
     python -m nvit_lightning.pruning.profiler check --table data/latency/deit_tiny_cpu_b32.json \\
         --dims outputs/pruned/model
 
@@ -107,7 +108,7 @@ def profile_lut(grid: dict[str, list[int]], tokens: int = 197, batch_size: int =
                 dtype: str = "float32", warmup: int = 3, repeats: int = 10, num_classes: int = 1000,
                 patch_size: int = 16, progress: bool = True, num_threads: int | None = None,
                 rounds: int = 3, stack: int = 12, same_qk_v: bool = True, model: str = "custom",
-                seed: int = 0) -> LookupTableLatency:
+                seed: int = 0, no_attn: bool = True) -> LookupTableLatency:
     """Profile the per-block latency table over `grid` (and the non-block base at every emb).
 
     Every grid point is timed as a compact model of `stack` identical blocks, minus the same model
@@ -187,8 +188,74 @@ def profile_lut(grid: dict[str, list[int]], tokens: int = 197, batch_size: int =
                 repeats=repeats, rounds=rounds, stack=stack,
                 steady_malloc=device_t.type == "cpu" and steady_malloc(),
                 profile_seconds=round(time.perf_counter() - start, 1), host=platform.node(), grid=grid)
-    return LookupTableLatency(grid, block_ms, grid["emb"], [_round(m) for m in base.tolist()], meta,
-                              same_grid or None, same_block_ms)
+    table = LookupTableLatency(grid, block_ms, grid["emb"], [_round(m) for m in base.tolist()], meta,
+                               same_grid or None, same_block_ms)
+    if no_attn:  # depth pruning: blocks whose attention sub-layer is removed
+        table = profile_no_attn(table, device, stack=stack, seed=seed)
+    return table
+
+
+def profile_no_attn(table: LookupTableLatency, device: str | None = None, rounds: int = 8, repeats: int = 2,
+                    stack: int | None = None, seed: int = 0) -> LookupTableLatency:
+    """`table` with its `no_attn_ms` part (depth pruning: blocks whose attention is removed, over the
+    table's emb x mlp grid) measured now, on the table's device, dtype, batch size and threads.
+
+    Each no-attention block is timed beside the full block of the same emb and mlp at the table's
+    largest heads and qk = v, and the model without blocks, in `stack`-deep models, all interleaved
+    in every one of `rounds` rounds (`timing.time_modules`). Per round, the no-attention block's
+    share of the full block is `(no-attention model - base) / (full model - base)`; its median over
+    rounds times the table's full block is stored. Paired within rounds, a shared machine's changing
+    speed (today's, or the day the table was profiled) cancels from the ratio the search trades."""
+    from ..timing import TimingSetup, time_modules
+
+    meta = table.meta
+    stack = int(stack or meta.get("stack", 12))
+    tokens, patch_size = int(meta.get("tokens", 197)), int(meta.get("patch_size", 16))
+    emb_grid = [int(e) for e in table.grid["emb"].tolist()]
+    mlp_grid = [int(m) for m in table.grid["mlp"].tolist()]
+    heads = int(table.grid["heads"][-1])
+    d = int(min(table.grid["qk"][-1], table.grid["v"][-1]))
+    setup = TimingSetup(device or meta.get("device_type", "cpu"), meta.get("dtype", "float32"),
+                        int(meta.get("batch_size", 1)), meta.get("num_threads"))
+    start = time.perf_counter()
+    shares = torch.ones(len(emb_grid), len(mlp_grid), dtype=torch.float64)
+    for i, emb in enumerate(emb_grid):  # one emb at a time: a few models in memory, compared per round
+        models = {"base": _base_model(emb, tokens, int(meta.get("num_classes", 1000)), patch_size)}
+        for m in mlp_grid:
+            for name, h in (("full", heads), ("no_attn", 0)):
+                net = _base_model(emb, tokens, int(meta.get("num_classes", 1000)), patch_size)
+                net.blocks = nn.ModuleList(Block(emb, h, d, d, m, masked=False) for _ in range(stack))
+                models[f"{name}{m}"] = net
+        result = time_modules(models, setup, rounds, repeats, warmup=2, seed=seed)["rounds"]
+        for j, m in enumerate(mlp_grid):
+            ratios = [(a - b) / max(f - b, 1e-9) for a, f, b in
+                      zip(result[f"no_attn{m}"], result[f"full{m}"], result["base"])]
+            shares[i, j] = min(max(float(torch.tensor(ratios).median()), 0.0), 1.0)
+    return with_no_attn(table, shares, dict(rounds=rounds, repeats=repeats, stack=stack,
+                                            seconds=round(time.perf_counter() - start, 1)))
+
+
+def with_no_attn(table: LookupTableLatency, shares: Tensor, info: dict) -> LookupTableLatency:
+    """`table` with `no_attn_ms` = measured `shares` (emb x mlp) of its full blocks at the largest heads
+    and qk = v, smoothed: a block without attention is an MLP, whose cost is linear in its width, so
+    per emb the measurements are replaced by their least-squares line over mlp (a noisy point of a
+    loaded machine then cannot make a wider MLP look cheaper than a narrower one)."""
+    emb_grid, mlp_grid = table.grid["emb"].tolist(), table.grid["mlp"]
+    heads, d = float(table.grid["heads"][-1]), float(min(table.grid["qk"][-1], table.grid["v"][-1]))
+    rows = torch.tensor([[e, heads, d, d, m] for e in emb_grid for m in mlp_grid.tolist()], dtype=torch.float64)
+    in_table = table.block_latency(rows).view(len(emb_grid), len(mlp_grid))
+    measured = in_table * shares
+    if len(mlp_grid) > 1:
+        basis = torch.stack([torch.ones_like(mlp_grid), mlp_grid], 1)  # mlp, 2
+        line = torch.linalg.lstsq(basis, measured.T).solution  # 2, emb
+        measured = (basis @ line).T.clamp_min(0)
+    data = table.to_dict()
+    data["no_attn_ms"] = {"axes": ["emb", "mlp"], "ms": measured.apply_(_round).tolist()}
+    data["meta"] = {**table.meta, "no_attn": dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                                                  reference=f"heads {int(heads)}, qk = v = {int(d)}",
+                                                  share_of_full_block=[[_round(x, 3) for x in r]
+                                                                       for r in shares.tolist()], **info)}
+    return LookupTableLatency.from_dict(data)
 
 
 def _per_block(model_ms: Tensor, base_ms: Tensor, stack: int) -> Tensor:
@@ -307,10 +374,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="identical blocks per timed model: the depth of the models to predict")
     p.add_argument("--no-same-qk-v", action="store_true",
                    help="skip the qk = v table (fused attention kernels that need equal head dims)")
+    p.add_argument("--no-depth", action="store_true", help="skip the no-attention blocks (depth pruning)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("depth", help="add (or re-profile) a table's no-attention blocks (depth pruning)")
+    d.add_argument("--table", required=True, help="the table to extend, rewritten in place (or to --out)")
+    d.add_argument("--out", help="default: --table")
+    d.add_argument("--rounds", type=int, default=8, help="interleaved rounds (median of per-round ratios)")
+    d.add_argument("--repeats", type=int, default=2, help="calls per model and round")
 
     c = sub.add_parser("check", help="predicted vs measured latency of a compact model")
     c.add_argument("--table", required=True)
@@ -336,10 +410,15 @@ def main(argv: list[str] | None = None) -> int:
                             dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
                             num_classes=args.num_classes, patch_size=args.patch_size,
                             progress=not args.no_progress, num_threads=args.threads, rounds=args.rounds,
-                            stack=args.stack, same_qk_v=not args.no_same_qk_v,
+                            stack=args.stack, same_qk_v=not args.no_same_qk_v, no_attn=not args.no_depth,
                             model=args.model or args.preset or "custom")
         table.save(args.out)
         print(f"wrote {args.out}: {table.describe()} in {table.meta['profile_seconds']} s")
+    elif args.command == "depth":
+        table = profile_no_attn(LookupTableLatency.load(args.table), rounds=args.rounds, repeats=args.repeats)
+        table.save(args.out or args.table)
+        print(f"wrote {args.out or args.table}: {table.describe()}; a block without attention costs "
+              f"{table.meta['no_attn']['share_of_full_block']} of the full block (emb x mlp)")
     else:
         table = LookupTableLatency.load(args.table)
         dims, config = load_arch(args.dims)

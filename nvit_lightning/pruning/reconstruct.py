@@ -57,8 +57,9 @@ class _NormalEquations:
 
     def add(self, x: Tensor, y: Tensor) -> None:
         # float32 products of one batch (a few thousand tokens), summed across batches in float64
-        x = torch.cat([x.reshape(-1, x.shape[-1]), x.new_ones(x[..., :1].numel(), 1)], 1).float()  # T, in+1
-        y = y.reshape(-1, y.shape[-1]).float()  # T, out
+        tokens = x.shape[:-1].numel()  # explicit: a removed sub-layer's writer has no inputs (in = 0)
+        x = torch.cat([x.reshape(tokens, x.shape[-1]), x.new_ones(tokens, 1)], 1).float()  # T, in+1
+        y = y.reshape(tokens, y.shape[-1]).float()  # T, out
         self.xtx += (x.T @ x).double()
         self.xty += (x.T @ y).double()
         self.yty += y.double().square().sum()
@@ -158,8 +159,8 @@ def reconstruct(model: PrunableViT, reference: PrunableViT, images: Iterable[Ten
             normed = [branch.norm(x, emb_mask) for x in ours]
             if fit_now and branch.reader_option in layers:  # q, k, v / fc1: the reference's projections of its stream
                 ref_readers = ref_branch.mixer.readers()
-                fits = {n: _Refit(f"{name}.{n}", linear, rows, emb)
-                        for n, (linear, rows) in branch.mixer.readers().items()}
+                fits = {n: _Refit(f"{name}.{n}", linear, rows, emb)  # none for a removed sub-layer
+                        for n, (linear, rows) in branch.mixer.readers().items() if len(rows)}
                 ref_in = [ref_branch.norm(x, ref_mask) for x in theirs] if target == "reference" else normed
                 for h, h_ref in zip(normed, ref_in):
                     for n, fit in fits.items():

@@ -45,6 +45,7 @@ class LayerStatistics:
 
     gram: Tensor
     row_sensitivity: Tensor
+    inputs: Tensor | None = None  # the first calibration images' inputs (images, tokens, in), where kept
 
 
 def damped_inverse(gram: Tensor, damping: float) -> Tensor:
@@ -58,9 +59,12 @@ def damped_inverse(gram: Tensor, damping: float) -> Tensor:
 
 @torch.no_grad()
 def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, units: Sequence[Tensor],
-                  keep: int = 1, damping: float = 0.01, row_weights: str = "fisher") -> RemovalTrace:
+                  keep: int = 1, damping: float = 0.01, row_weights: str = "fisher",
+                  removed: Tensor | None = None) -> RemovalTrace:
     """Greedy OBS over `units` (each a tensor of input-column indices of `weight`, all the same size)
-    until `keep` units are left. `weight` is (out, in); columns outside every unit stay and are refit."""
+    until `keep` units are left. `weight` is (out, in); columns outside every unit stay and are refit.
+    `removed`: input columns taken out (and compensated) before the trace starts, e.g. the dropped
+    heads of a block before its V dims are traced; their cost is `cost[0]`."""
     if row_weights not in ROW_WEIGHTS:
         raise ValueError(f"row_weights must be one of {ROW_WEIGHTS}, got {row_weights!r}")
     out_features = weight.shape[0]
@@ -71,8 +75,18 @@ def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, u
     rows = (stats.row_sensitivity.double() if row_weights == "fisher"
             else torch.ones(out_features, dtype=torch.float64)).to(device)
     columns = torch.stack([u.to(torch.long) for u in units]).to(device)  # U, s
+    start = 0.0
+    if removed is not None and len(removed):
+        s = removed.to(device=device, dtype=torch.long)
+        hs = h_inv[s][:, s]
+        ws = w[:, s]
+        start = float(((ws.T * torch.linalg.solve(hs, ws.T)).sum(0) * rows).sum())
+        correction = torch.linalg.solve(hs, h_inv[s])
+        w -= ws @ correction
+        h_inv -= h_inv[:, s] @ correction
+        w[:, s] = 0
     alive = torch.ones(len(units), dtype=torch.bool, device=device)
-    order, cost = [], [0.0]
+    order, cost = [], [start]
     for _ in range(len(units) - keep):
         ws = w[:, columns].permute(1, 2, 0)  # U, s, out
         if columns.shape[1] == 1:  # single columns (MLP neurons): [H⁻¹]_SS is a diagonal entry
@@ -112,19 +126,29 @@ def writing_layers(model: PrunableViT) -> dict[str, nn.Linear]:
 
 
 def collect_statistics(model: PrunableViT, batches: Iterable[Sequence[Tensor]], device: str | torch.device = "cpu",
-                       gradients: bool = True, progress: bool = True) -> dict[str, LayerStatistics]:
+                       gradients: bool = True, progress: bool = True,
+                       attention_inputs: bool = False, keep_images: int = 0) -> dict[str, LayerStatistics]:
     """Gram matrices of the inputs of every head / neuron reading layer and, with `gradients`, the
     per-channel squared loss gradients at their outputs (cross-entropy summed over the batch, so
-    each image contributes its own gradient), averaged per image."""
+    each image contributes its own gradient), averaged per image. With `attention_inputs`, also the
+    Gram matrix of every attention's input (the normed stream q and k read: `blocks.i.attn.q`), for
+    the low-rank fit of its logits (`low_rank_logits`), and its inputs on the first `keep_images`
+    images (`LayerStatistics.inputs`)."""
     device = torch.device(device)
     model.to(device).eval()
     layers = writing_layers(model)
+    if attention_inputs:
+        layers.update({f"blocks.{i}.attn.q": block.attn.q for i, block in enumerate(model.blocks)})
     grams = {name: torch.zeros(m.in_features + 1, m.in_features + 1, dtype=torch.float64, device=device)
              for name, m in layers.items()}
     rows = {name: torch.zeros(m.out_features, dtype=torch.float64, device=device) for name, m in layers.items()}
+    kept: dict[str, list[Tensor]] = {name: [] for name in layers if name.endswith(".attn.q")}
 
     def forward_hook(name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor], output: Tensor) -> None:
+            if name in kept and sum(len(t) for t in kept[name]) < keep_images:
+                have = sum(len(t) for t in kept[name])
+                kept[name].append(inputs[0].detach()[: keep_images - have].float().cpu())
             x = inputs[0].detach().flatten(0, -2).float()  # tokens, in
             x = torch.cat([x, x.new_ones(len(x), 1)], 1)
             grams[name] += (x.T @ x).double()  # float32 product per batch, float64 across batches
@@ -137,7 +161,8 @@ def collect_statistics(model: PrunableViT, batches: Iterable[Sequence[Tensor]], 
 
     handles = [m.register_forward_hook(forward_hook(n)) for n, m in layers.items()]
     if gradients:
-        handles += [m.register_full_backward_hook(backward_hook(n)) for n, m in layers.items()]
+        handles += [m.register_full_backward_hook(backward_hook(n)) for n, m in layers.items()
+                    if not n.endswith(".attn.q")]
     images = 0
     try:
         for batch in tqdm(list(batches), desc="layer statistics", leave=False, disable=not progress):
@@ -155,4 +180,47 @@ def collect_statistics(model: PrunableViT, batches: Iterable[Sequence[Tensor]], 
         model.zero_grad(set_to_none=True)
     if not images:
         raise ValueError("structured OBS needs at least one calibration batch")
-    return {n: LayerStatistics(grams[n].cpu() / images, rows[n].cpu() / images) for n in layers}
+    return {n: LayerStatistics(grams[n].cpu() / images, rows[n].cpu() / images,
+                               torch.cat(kept[n]) if kept.get(n) else None) for n in layers}
+
+
+@dataclass
+class LogitFit:
+    """Rank-r fits of one attention head's logits `x̃ᵀ M x̃'` (x̃ = [x, 1], M = W̃_q W̃_kᵀ, both with
+    their bias as the last row): `q_factor` and `k_factor` (in + 1, rank) hold the best rank-r fit in
+    their first r columns for every r, and `cost[r]` is the error energy `‖X̃ (M - M_r) X̃ᵀ‖²_F`
+    (X̃: calibration tokens, per image) of keeping r dims."""
+
+    q_factor: Tensor
+    k_factor: Tensor
+    cost: Tensor  # (rank + 1,) float64, decreasing
+
+
+@torch.no_grad()
+def low_rank_logits(q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None,
+                    gram: Tensor, damping: float = 0.01) -> LogitFit:
+    """The best rank-r approximations of a head's bilinear logit form in the metric of its inputs
+    (Gram matrix `gram` of [x, 1], (in + 1, in + 1)): with G = LLᵀ, the SVD of Lᵀ M L truncated to r
+    gives the fit minimising ‖X̃ (M - M_r) X̃ᵀ‖_F over all rank-r M_r, so a head whose logits have
+    rank r on the calibration tokens is reproduced exactly by r q / k dims. `q_weight` / `k_weight`:
+    (dims, in) slices of one head."""
+    n = q_weight.shape[1]
+
+    def tilde(w: Tensor, b: Tensor | None) -> Tensor:
+        b = b if b is not None else w.new_zeros(w.shape[0])
+        return torch.cat([w.double(), b.double()[:, None]], 1).T  # in + 1, dims
+
+    qt, kt = tilde(q_weight, q_bias), tilde(k_weight, k_bias)
+    g = gram.double().clone()
+    g.diagonal()[:n] += damping * g.diagonal()[:n].mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(g)  # G = L Lᵀ
+    # Lᵀ M L = (Lᵀ W̃_q)(Lᵀ W̃_k)ᵀ: the SVD of a product of two thin factors via their QR
+    qa, ra = torch.linalg.qr(chol.T @ qt)
+    qb, rb = torch.linalg.qr(chol.T @ kt)
+    u, sv, vh = torch.linalg.svd(ra @ rb.T)
+    scale = sv.sqrt()
+    left = torch.linalg.solve_triangular(chol.T, qa @ u * scale, upper=True)  # L⁻ᵀ Ua S^½
+    right = torch.linalg.solve_triangular(chol.T, qb @ vh.T * scale, upper=True)
+    energy = sv.square()
+    cost = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # cost[r] = Σ_{i >= r} σ_i²
+    return LogitFit(left, right, cost)
