@@ -7,7 +7,7 @@ strongest configurations, magnitude and random, one-shot and after the same reco
 Every method has one knob that sets its size: the predicted latency target for ours (one pruning run
 yields every candidate, each saved as masks), the pruning ratio for Torch-Pruning. Candidates whose
 lookup-table prediction lies near each target are timed in ONE fresh process, interleaved with
-timm's own dense DeiT-Tiny (`nvit_lightning.timing`), on the latency table's device, dtype, batch
+timm's own dense DeiT-Tiny (`nvit_lightning.latency.timing`), on the latency table's device, dtype, batch
 size and threads; per target, each method's candidate whose measured latency / timm dense is within
 ±2 % of the target (the closest one otherwise, flagged) is evaluated on the 1300 validation images.
 Calibration uses the 1000-image sample only (the validation images are never seen before the final
@@ -31,10 +31,10 @@ from hydra import compose, initialize_config_dir
 
 from nvit_lightning.app import build, build_run, setup_environment
 from nvit_lightning.evaluation import evaluate
+from nvit_lightning.latency.timing import paired_ratio, prunable_spec, time_in_fresh_process, timm_spec
 from nvit_lightning.models import PrunableViT, from_timm
 from nvit_lightning.oneshot import recover
 from nvit_lightning.pruning import Structure
-from nvit_lightning.timing import paired_ratio, prunable_spec, time_in_fresh_process, timm_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 Batches = list[tuple[torch.Tensor, torch.Tensor]]

@@ -6,7 +6,7 @@ Real DeiT-Tiny on this CPU, at batch 1 and batch 32, each with its shipped looku
 (data/latency/deit_tiny_cpu_b{1,32}.json), pruned one-shot through the targets with `prune.py`'s
 defaults (the architecture does not depend on the reconstruction, so none is run); every compact
 snapshot is timed with the dense model in one fresh process, interleaved round by round
-(`nvit_lightning.timing`: this shared machine's speed drifts by 10-20 % over minutes). Errors are
+(`nvit_lightning.latency.timing`: this shared machine's speed drifts by 10-20 % over minutes). Errors are
 given raw (the shipped table as is) and fitted on dense (table and FLOPs proxy scaled to the dense
 time measured alongside: the error in relative latency, which the ranking and speed-up depend on).
 Goals (issue #5): LUT error <= 10 %, measured speed-up >= 0.9 x the LUT's predicted speed-up.
@@ -22,8 +22,8 @@ import torch
 from accuracy_at_latency import load_setup
 
 from nvit_lightning.app import build, setup_environment
-from nvit_lightning.pruning import FlopsLatency
-from nvit_lightning.timing import prunable_spec, time_in_fresh_process
+from nvit_lightning.latency import FlopsLatency
+from nvit_lightning.latency.timing import prunable_spec, time_in_fresh_process
 
 
 def rows_for_batch(batch: int, args: argparse.Namespace) -> list[dict]:

@@ -11,7 +11,7 @@ directory; default: the one `python prune.py` chose at 0.70). Each of ours runs 
 no-op forward hook on each of q, k, v, which makes `Attention` take its hooked path).
 
 On a shared machine the speed drifts by 30 % and more within minutes, so the models are timed as in
-the application's fresh-process timing (`nvit_lightning.timing.time_modules`): every cycle runs each
+the application's fresh-process timing (`nvit_lightning.latency.timing.time_modules`): every cycle runs each
 model once, in a random order, and the result is the median over cycles of each model's time
 divided by timm's time in the same cycle (a paired ratio), with its quartiles.
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 import timm
 import torch
 
+from nvit_lightning.latency.profiler import load_arch
+from nvit_lightning.latency.timing import TimingSetup, round_ratios, time_modules
 from nvit_lightning.models import PrunableViT, ViTDims
-from nvit_lightning.pruning.profiler import load_arch
-from nvit_lightning.timing import TimingSetup, round_ratios, time_modules
 
 # what `python prune.py` (defaults) kept at 0.70 of the predicted latency (2026-11-25)
 PRUNE_PY_070 = ViTDims(192, [3, 3, 2, 2, 1, 2, 2, 2, 2, 3, 2, 2], [64] * 12, [64] * 12,

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import nvit_lightning.models  # noqa: F401  (registers nvit_* in timm)
-from nvit_lightning.pruning import FlopsLatency, GlobalPruner, Structure
+from nvit_lightning.latency import FlopsLatency
+from nvit_lightning.pruning import GlobalPruner, Structure
 from nvit_lightning.pruning.criteria import HessianCriterion, RandomCriterion
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nvit_lightning.latency.timing import measure_ms
 from nvit_lightning.models import PrunableViT, ViTDims
 from nvit_lightning.models.registry import DEIT_VARIANTS
 from nvit_lightning.sparsity import MagnitudeSparsifier
 from nvit_lightning.sparsity.layers import sparsifiable_layers
 from nvit_lightning.sparsity.semi_structured import check_semi_structured_device, to_semi_structured
-from nvit_lightning.timing import measure_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 197

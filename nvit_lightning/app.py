@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import runlock
 from .errors import USER_ERRORS
+from .latency.models import LatencyModel
 from .models import PrunableViT
-from .pruning.latency import LatencyModel
 from .validation import check_config, check_model_weights
 
 log = logging.getLogger("nvit_lightning")

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from .latency.timing import TimingSetup, paired_ratio, ratio_uncertainty, time_modules
 from .models import PrunableViT
-from .timing import TimingSetup, paired_ratio, ratio_uncertainty, time_modules
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .latency.models import LatencyModel
 from .measure import describe_model, measure_side_by_side
 from .models import PrunableViT, write_model_card
-from .pruning.latency import LatencyModel
 from .report import summary_table, target_name, write_plots, write_report, write_sparsity_report
 from .tracking import publish
 

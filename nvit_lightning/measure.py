@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 
 from .app import work_device
 from .evaluation import evaluate
+from .latency.models import LatencyModel
+from .latency.timing import prunable_spec, ratio_uncertainty, time_in_fresh_process, timm_spec
 from .models import PrunableViT
-from .pruning.latency import LatencyModel
 from .report import model_entry
 from .sparsity import Sparsifier, layer_sparsity
-from .timing import prunable_spec, ratio_uncertainty, time_in_fresh_process, timm_spec
 
 log = logging.getLogger("nvit_lightning")
 

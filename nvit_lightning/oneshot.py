@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from .latency.models import LatencyModel
 from .models import PrunableViT
 from .module import NViTModule
 from .oneshot_state import OneShotState, rng_state, set_rng_state
@@ -24,7 +25,6 @@ from .pruning.interrupt import (
     stop_after,
     stop_on_signals,
 )
-from .pruning.latency import LatencyModel
 from .pruning.reconstruct import Reconstruction
 from .report import target_name
 

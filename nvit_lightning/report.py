@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .latency.models import LatencyModel
+from .latency.timing import paired_ratio
 from .models import PrunableViT
 from .plots import plot_accuracy_latency, plot_architecture
-from .pruning.latency import LatencyModel
-from .timing import paired_ratio
 from .tracking import accuracy_latency_points, report_rows
 
 

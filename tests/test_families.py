@@ -14,10 +14,11 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
+from nvit_lightning.latency import FlopsLatency
 from nvit_lightning.models import FAMILIES, KIND_SPECS, PrunableViT, from_timm, write_model_card
 from nvit_lightning.models.compact import load_compact_into
 from nvit_lightning.models.structure import mask_names
-from nvit_lightning.pruning import FlopsLatency, Structure
+from nvit_lightning.pruning import Structure
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.pruning.reconstruct import Reconstruction, reconstruct
 from nvit_lightning.pruning.search import LatencySearch

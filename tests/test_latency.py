@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvit_lightning.models.dims import ViTDims
-from nvit_lightning.models.vit import PrunableViT
-from nvit_lightning.pruning.latency import (
+from nvit_lightning.latency.models import (
     AXES,
     FlopsLatency,
     LatencyModel,
     LookupTableLatency,
     build_latency_model,
 )
-from nvit_lightning.pruning.profiler import check_table, load_arch, main, profile_lut
-from nvit_lightning.timing import TimingSetup
+from nvit_lightning.latency.profiler import check_table, load_arch, main, profile_lut
+from nvit_lightning.latency.timing import TimingSetup
+from nvit_lightning.models.dims import ViTDims
+from nvit_lightning.models.vit import PrunableViT
 
 LATENCY_DIR = Path(__file__).resolve().parents[1] / "data" / "latency"
 GRID = {"emb": [16, 64, 128], "heads": [1, 2, 3], "qk": [8, 32, 64], "v": [8, 64], "mlp": [16, 256, 768]}
@@ -224,7 +224,7 @@ def test_shipped_tables(name: str, timing: TimingSetup) -> None:
 
 
 def test_load_or_profile_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nvit_lightning.pruning import profiler
+    from nvit_lightning.latency import profiler
 
     monkeypatch.setitem(profiler.PRESETS, "tiny_test", TINY_GRID)
     path = tmp_path / "cache.json"

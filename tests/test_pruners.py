@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nvit_lightning.app import build
-from nvit_lightning.pruning import FlopsLatency, Pruner
+from nvit_lightning.latency import FlopsLatency
+from nvit_lightning.pruning import Pruner
 from nvit_lightning.pruning.base import OUTPUTS
 from nvit_lightning.sparsity import layer_sparsity
 

@@ -40,7 +40,7 @@ def commands(kind: str) -> list[tuple[str, str]]:
             words = shlex.split(command)
             if kind == "hydra" and (words[0] in ENTRY_POINTS or words[:2][-1] in ENTRY_POINTS):
                 found.append((doc.name, command))
-            if kind == "profiler" and words[:3] == ["python", "-m", "nvit_lightning.pruning.profiler"]:
+            if kind == "profiler" and words[:3] == ["python", "-m", "nvit_lightning.latency.profiler"]:
                 found.append((doc.name, command))
     return found
 
@@ -82,7 +82,7 @@ def _select(cfg, key: str):
 
 @pytest.mark.parametrize("doc,command", commands("profiler"), ids=lambda v: v[:60] if isinstance(v, str) else v)
 def test_readme_profiler_command_parses(doc: str, command: str) -> None:
-    from nvit_lightning.pruning.profiler import _parser
+    from nvit_lightning.latency.profiler import _parser
 
     args = _parser().parse_args(shlex.split(command)[3:])
     assert args.command in ("profile", "check")

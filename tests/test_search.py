@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from nvit_lightning.pruning import FlopsLatency, UnreachableTargetError
+from nvit_lightning.latency import FlopsLatency
+from nvit_lightning.pruning import UnreachableTargetError
 from nvit_lightning.pruning.reconstruct import reconstruct
 from nvit_lightning.pruning.search import BlockOptions, LatencySearch, cheapest_under_budget
 from nvit_lightning.pruning.structured_obs import LayerStatistics, collect_statistics, removal_trace

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nvit_lightning.latency import FlopsLatency
+from nvit_lightning.latency.models import LookupTableLatency
 from nvit_lightning.models import PrunableViT, ViTDims
-from nvit_lightning.pruning import FlopsLatency, Structure, UnreachableTargetError
-from nvit_lightning.pruning.latency import LookupTableLatency
+from nvit_lightning.pruning import Structure, UnreachableTargetError
 from nvit_lightning.pruning.reconstruct import reconstruct
 from nvit_lightning.pruning.search import BlockOptions, LatencySearch, cheapest_under_budget, prune_units
 from nvit_lightning.pruning.structured_obs import LayerStatistics, removal_trace
@@ -174,7 +175,7 @@ def test_depth_options_and_cost_factor() -> None:
 def test_no_attention_blocks_are_profiled_against_the_table() -> None:
     """`profile_no_attn` times blocks without attention beside full ones and stores them scaled to
     the table: a table whose full blocks match this machine gets no-attention blocks below them."""
-    from nvit_lightning.pruning.profiler import profile_lut
+    from nvit_lightning.latency.profiler import profile_lut
 
     grid = {"emb": [16, 32], "heads": [1, 2], "qk": [8], "v": [8], "mlp": [16, 64]}
     table = profile_lut(grid, tokens=17, batch_size=2, warmup=1, repeats=2, rounds=1, stack=2, num_classes=10,

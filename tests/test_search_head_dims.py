@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nvit_lightning.latency import FlopsLatency
 from nvit_lightning.models import PrunableViT, ViTDims
-from nvit_lightning.pruning import FlopsLatency
 from nvit_lightning.pruning.reconstruct import reconstruct
 from nvit_lightning.pruning.search import LatencySearch
 from nvit_lightning.pruning.structured_obs import LayerStatistics, low_rank_logits, removal_trace
@@ -129,7 +129,7 @@ def test_a_narrowed_head_keeps_its_logits_where_they_have_low_rank() -> None:
 
 
 def test_head_widths_stay_on_a_tables_profiled_qk_v_widths() -> None:
-    from nvit_lightning.pruning.latency import LookupTableLatency
+    from nvit_lightning.latency.models import LookupTableLatency
 
     grid = {"emb": [48], "heads": [1, 3], "qk": [8, 16], "v": [8, 16], "mlp": [8, 96]}
     table = LookupTableLatency(grid, torch.ones(1, 2, 2, 2, 2), [48], [1.0], {"tokens": 17},

@@ -11,10 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from nvit_lightning import measure
-from nvit_lightning.models import PrunableViT
-from nvit_lightning.pruning import FlopsLatency, LookupTableLatency
-from nvit_lightning.report import summary_table, write_report
-from nvit_lightning.timing import (
+from nvit_lightning.latency import FlopsLatency, LookupTableLatency
+from nvit_lightning.latency.timing import (
     TimingSetup,
     _build,
     paired_ratio,
@@ -23,6 +21,8 @@ from nvit_lightning.timing import (
     time_in_fresh_process,
     timm_spec,
 )
+from nvit_lightning.models import PrunableViT
+from nvit_lightning.report import summary_table, write_report
 
 from .conftest import tiny_vit
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from nvit_lightning.app import setup_environment
 from nvit_lightning.data.datasets import ImageListDataset
+from nvit_lightning.latency.models import CorruptTableError, LookupTableLatency
 from nvit_lightning.models import PrunableViT, ViTDims
-from nvit_lightning.pruning.latency import CorruptTableError, LookupTableLatency
 from nvit_lightning.validation import check_config, resolved
 
 ROOT = Path(__file__).resolve().parents[1]

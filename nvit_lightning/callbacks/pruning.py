@@ -9,10 +9,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..latency.models import LatencyModel
 from ..models import KINDS
 from ..oneshot import snapshot_path, write_snapshot
 from ..pruning import GlobalRanking, event_record
-from ..pruning.latency import LatencyModel
 from ..pruning.reconstruct import Reconstruction
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from nvit_lightning.build import build_cnn_teacher
 from nvit_lightning.callbacks import GlobalPruning, InterruptCheckpoint, SparsitySweep
 from nvit_lightning.errors import check_cli_args, cli_errors, hydra_exit_codes
 from nvit_lightning.finish import finish_pruning, finish_sparsity
+from nvit_lightning.latency.timing import prunable_spec
 from nvit_lightning.measure import calibration_data, describe_model, describe_sparse, val_accuracy
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
@@ -44,7 +45,6 @@ from nvit_lightning.pruning import Pruner
 from nvit_lightning.resume import check_before_hydra, check_resume, finetune_resume_path, resume_path
 from nvit_lightning.sparsity.distill import sparse_distillation
 from nvit_lightning.sweep import metric_value
-from nvit_lightning.timing import prunable_spec
 
 
 def make_module(cfg: DictConfig, model, stage: str, teacher=None, step_offset: int = 0) -> NViTModule:

@@ -1,10 +1,10 @@
-"""Structural pruning of PrunableViTs, independent of Lightning: structure (groups), importance
-(criteria), latency (models + profiler) and the global pruner."""
+"""Structural pruning of PrunableViTs, independent of Lightning: the pruner call shape (base),
+structure (groups), importance (criteria), the global pruner and NViT's ranking, the latency search,
+the refit. Latency models, the profiler and timing live in `nvit_lightning.latency`."""
 
 from .base import Pruner
 from .criteria import CRITERIA, Criterion, build_criterion
 from .groups import DEFAULT_GROUP_SIZES, Structure
-from .latency import FlopsLatency, LatencyModel, LookupTableLatency, build_latency_model
 from .pruner import (
     GlobalPruner,
     PruningEvent,
@@ -19,17 +19,13 @@ __all__ = [
     "CRITERIA",
     "DEFAULT_GROUP_SIZES",
     "Criterion",
-    "FlopsLatency",
     "GlobalPruner",
     "GlobalRanking",
-    "LatencyModel",
-    "LookupTableLatency",
     "Pruner",
     "PruningEvent",
     "Structure",
     "UnreachableTargetError",
     "build_criterion",
-    "build_latency_model",
     "build_pruning",
     "event_record",
     "prune_to_targets",

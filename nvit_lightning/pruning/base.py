@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .latency import LatencyModel
+from ..latency.models import LatencyModel
 
 OUTPUTS = ("masked", "sparse")
 

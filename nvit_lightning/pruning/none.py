@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..latency.models import LatencyModel
 from ..models import PrunableViT
 from .base import Pruner
-from .latency import LatencyModel
 
 
 class NoPruning(Pruner):

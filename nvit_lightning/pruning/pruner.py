@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..latency.models import LatencyModel, block_rows, dims_from_block_rows
 from ..models import EMB, KIND_SPECS, KINDS, LayerKey, PrunableViT, ViTDims
 from .criteria import Criterion, build_criterion
 from .groups import Structure
-from .latency import LatencyModel, block_rows, dims_from_block_rows
 
 # columns of a latency-model row (ViTDims.block): the kinds in their declared order (models/structure.py)
 _KIND_COLUMN = {kind: column for column, kind in enumerate(KINDS)}

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..latency.models import LatencyModel
 from ..models import KINDS, PrunableViT
 from .base import Pruner
 from .criteria import CRITERIA, Criterion
 from .groups import Structure
-from .latency import LatencyModel
 from .pruner import RANKINGS, GlobalPruner, PruningEvent, build_pruning, event_record, prune_to_targets
 
 log = logging.getLogger("nvit_lightning")

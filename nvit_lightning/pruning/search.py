@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..latency.models import LatencyModel
 from ..models import PrunableViT, ViTDims
 from .base import Pruner
 from .groups import Structure
-from .latency import LatencyModel
 from .pruner import UnreachableTargetError
 from .structured_obs import ROW_WEIGHTS, LogitFit, RemovalTrace, collect_statistics, low_rank_logits, removal_trace
 

@@ -7,7 +7,7 @@ builds the models from their architecture alone (weights do not change the time 
 and times them interleaved, round by round, so a slow spell of a shared machine hits all of them.
 The dense model is timed alongside, both as timm's own module and as our PrunableViT.
 
-    python -m nvit_lightning.timing < job.json     # the worker; prints {"ms", "spread", "rounds"}
+    python -m nvit_lightning.latency.worker < job.json     # the worker (`main`); prints {"ms", "spread", "rounds"}
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _build(spec: Mapping[str, Any]) -> torch.nn.Module:
         import timm
 
         return timm.create_model(spec["timm"], pretrained=False, **spec.get("kwargs", {}))
-    from .models import PrunableViT
+    from ..models import PrunableViT
 
     return PrunableViT(**spec["prunable"])
 
@@ -184,7 +184,7 @@ def time_in_fresh_process(specs: Mapping[str, Mapping[str, Any]], setup: TimingS
                           repeats: int = 1, warmup: int = 2, timeout: float = 1800) -> dict[str, Any]:
     """`time_models` in a new Python process (see the module docstring for why)."""
     job = {"specs": dict(specs), "setup": asdict(setup), "rounds": rounds, "repeats": repeats, "warmup": warmup}
-    done = subprocess.run([sys.executable, "-m", "nvit_lightning.timing"], input=json.dumps(job),
+    done = subprocess.run([sys.executable, "-m", "nvit_lightning.latency.worker"], input=json.dumps(job),
                           capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"latency measurement in a fresh process failed: {done.stderr.strip()[-2000:]}")
@@ -192,10 +192,7 @@ def time_in_fresh_process(specs: Mapping[str, Mapping[str, Any]], setup: TimingS
 
 
 def main() -> None:
+    """The fresh process's job (`nvit_lightning.latency.worker`): a JSON job on stdin, the timing out."""
     job = json.loads(sys.stdin.read())
     result = time_models(job["specs"], TimingSetup(**job["setup"]), job["rounds"], job["repeats"], job["warmup"])
     print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
 """Profile a ViT block latency lookup table on the target device, and check it against a real model.
 
-    python -m nvit_lightning.pruning.profiler profile --preset deit_tiny --batch-size 32 \\
+    python -m nvit_lightning.latency.profiler profile --preset deit_tiny --batch-size 32 \\
         --device cpu --dtype float32 --out data/latency/deit_tiny_cpu_b32.json
-    python -m nvit_lightning.pruning.profiler depth --table data/latency/deit_tiny_cpu_b32.json
-    python -m nvit_lightning.pruning.profiler check --table data/latency/deit_tiny_cpu_b32.json \\
+    python -m nvit_lightning.latency.profiler depth --table data/latency/deit_tiny_cpu_b32.json
+    python -m nvit_lightning.latency.profiler check --table data/latency/deit_tiny_cpu_b32.json \\
         --dims outputs/pruned/model
 
 Blocks are timed where they run: inside a mask-free `PrunableViT` whose `stack` blocks all have the
@@ -40,8 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models.dims import ViTDims
 from ..models.vit import CONFIG_FILE, LEGACY_CONFIG_FILE, WEIGHTS_FILE, Block, PrunableViT, read_model_args
-from ..timing import measure_ms, steady_malloc
-from .latency import AXES, CorruptTableError, LookupTableLatency
+from .models import AXES, CorruptTableError, LookupTableLatency
+from .timing import measure_ms, steady_malloc
 
 # Grids span the smallest dims the pruner can reach (one group of each type: EMB 16, 1 head, QK/V 8,
 # MLP 16) up to the dense model, so every architecture met while pruning is inside the table.
@@ -206,7 +206,7 @@ def profile_no_attn(table: LookupTableLatency, device: str | None = None, rounds
     share of the full block is `(no-attention model - base) / (full model - base)`; its median over
     rounds times the table's full block is stored. Paired within rounds, a shared machine's changing
     speed (today's, or the day the table was profiled) cancels from the ratio the search trades."""
-    from ..timing import TimingSetup, time_modules
+    from .timing import TimingSetup, time_modules
 
     meta = table.meta
     stack = int(stack or meta.get("stack", 12))
@@ -353,7 +353,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nvit_lightning.pruning.profiler",
+    parser = argparse.ArgumentParser(prog="python -m nvit_lightning.latency.profiler",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

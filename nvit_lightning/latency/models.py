@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from ..models.dims import ViTDims
-from ..timing import TimingSetup
+from ..models.structure import KIND_SPECS
+from .timing import TimingSetup
 
-AXES = ("emb", "heads", "qk", "v", "mlp")
+AXES = tuple(k.dims_field for k in KIND_SPECS)  # ("emb", "heads", "qk", "v", "mlp"): a table's axes
 
 
 def _as_rows(block_dims: Tensor | list | tuple) -> Tensor:
@@ -90,7 +91,7 @@ def _cell(axis: str, grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(
             f"latency table: {axis}={value:g} is outside the profiled grid [{lo_val:g}, {hi_val:g}] "
             f"(grid {points}); re-profile with a grid covering it "
-            f"(python -m nvit_lightning.pruning.profiler profile ...)")
+            f"(python -m nvit_lightning.latency.profiler profile ...)")
     if len(grid) == 1:
         zero = torch.zeros_like(x, dtype=torch.long)
         return zero, zero, torch.zeros_like(x)
@@ -227,7 +228,7 @@ class LookupTableLatency(LatencyModel):
         grid = self.grid[AXES[axis]]
         if len(grid) < 2:
             raise ValueError(f"latency table: cannot price {AXES[axis]}=0 from a one-point grid; re-profile "
-                             f"with depth pruning (python -m nvit_lightning.pruning.profiler depth ...)")
+                             f"with depth pruning (python -m nvit_lightning.latency.profiler depth ...)")
         lo, hi = x.clone(), x.clone()
         lo[:, axis], hi[:, axis] = grid[0], grid[1]
         f_lo, f_hi = self._full_blocks(lo), self._full_blocks(hi)
@@ -296,7 +297,7 @@ class LookupTableLatency(LatencyModel):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"latency table {path} not found; profile one with "
-                                    f"`python -m nvit_lightning.pruning.profiler profile --out {path} ...`")
+                                    f"`python -m nvit_lightning.latency.profiler profile --out {path} ...`")
         try:
             table = cls.from_dict(json.loads(path.read_text()), str(path))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as err:
