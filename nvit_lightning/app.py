@@ -15,7 +15,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import runlock
 from .errors import USER_ERRORS
@@ -56,6 +56,27 @@ def lock_explicit_run_dir(argv: list[str]) -> None:
         except (runlock.RunDirLockedError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+
+
+def compose_before_hydra(config_name: str, argv: list[str]) -> DictConfig | None:
+    """The run's config as Hydra will compose it from the command line `argv` (`paths.output_dir`: the
+    run dir), for the checks that must pass before Hydra writes into the run dir; None for a command
+    line that is Hydra's business (-m, --help, a bad override) and on DDP's other ranks."""
+    from hydra import compose, initialize_config_dir
+
+    if any(a.startswith("-") for a in argv) or not is_rank_zero():
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=argv, return_hydra_config=True)
+        run_dir = os.path.abspath(str(cfg.hydra.run.dir))
+        with open_dict(cfg):
+            del cfg["hydra"]
+            if not any(a.split("=", 1)[0] == "paths.output_dir" for a in argv):
+                cfg.paths.output_dir = run_dir  # as Hydra sets it (${hydra:runtime.output_dir})
+        return cfg
+    except Exception:  # a bad override: Hydra reports it in its own words
+        return None
 
 
 def setup_environment() -> None:

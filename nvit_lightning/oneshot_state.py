@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from .pruning.interrupt import Checkpoint, StopRequested
 from .report import target_name
@@ -148,10 +148,11 @@ def check_before_hydra(config_name: str, script: str, argv: list[str]) -> bool:
     values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in ("ckpt_path", "+ckpt_path")]
     if not values or values[-1] in ("null", "None", ""):
         return False
-    cfg = _compose(config_name, argv)
+    from .app import build, compose_before_hydra
+
+    cfg = compose_before_hydra(config_name, argv)
     if cfg is None or cfg.get("ckpt_path") is None or cfg.get("mode", "prune") != "prune":
         return False
-    from .app import build
     from .errors import USER_ERRORS
 
     try:
@@ -173,28 +174,6 @@ def check_before_hydra(config_name: str, script: str, argv: list[str]) -> bool:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     return True
-
-
-def _compose(config_name: str, argv: list[str]) -> DictConfig | None:
-    """The run's config as Hydra will compose it (`paths.output_dir`: the run dir), or None for a
-    command line that is Hydra's business (-m, --help, a bad override)."""
-    from hydra import compose, initialize_config_dir
-
-    from .app import config_dir, is_rank_zero
-
-    if any(a.startswith("-") for a in argv) or not is_rank_zero():
-        return None
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=argv, return_hydra_config=True)
-        run_dir = os.path.abspath(str(cfg.hydra.run.dir))
-        with open_dict(cfg):
-            del cfg["hydra"]
-            if not any(a.split("=", 1)[0] == "paths.output_dir" for a in argv):
-                cfg.paths.output_dir = run_dir  # as Hydra sets it (${hydra:runtime.output_dir})
-        return cfg
-    except Exception:
-        return None
 
 
 # ---- the RNG states after the pruner: a resumed run's later random draws are the uninterrupted run's ----

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("nvit_lightning")
 
@@ -275,25 +275,13 @@ def check_before_hydra(config_name: str, argv: list[str]) -> None:
     """`python train.py ... ckpt_path=<...>`: compose the run's config as Hydra will and run
     `check_resume` on it, before Hydra writes anything into the run dir; a refused resume is one line
     and exit 2, and every file of the run stays as it was. Anything else is left to Hydra and the run."""
-    from .app import config_dir, is_rank_zero
+    from .app import compose_before_hydra
 
-    overrides = [a for a in argv if not a.startswith("-")]
-    if len(overrides) != len(argv) or not is_rank_zero():  # -m, --help, --cfg ...: Hydra's business
-        return
-    values = [a.split("=", 1)[1] for a in overrides if a.split("=", 1)[0] in ("ckpt_path", "+ckpt_path")]
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in ("ckpt_path", "+ckpt_path")]
     if not values or values[-1] in ("null", "None", ""):
         return
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        run_dir = os.path.abspath(str(cfg.hydra.run.dir))
-        with open_dict(cfg):
-            del cfg["hydra"]
-            if not any(a.split("=", 1)[0] == "paths.output_dir" for a in overrides):
-                cfg.paths.output_dir = run_dir  # as Hydra sets it (${hydra:runtime.output_dir})
-    except Exception:  # a bad override: Hydra reports it in its own words
+    cfg = compose_before_hydra(config_name, argv)
+    if cfg is None:  # -m, --help, --cfg, a bad override: Hydra's business
         return
     from .app import build
     from .errors import USER_ERRORS
