@@ -4,13 +4,17 @@
     python benchmarks/sparsity.py --nvit-model outputs/prune/<run>/model   # + NViT compact model, then oViT
     python benchmarks/sparsity.py --out benchmarks/results/sparsity_reconstruction \
         --methods "oViT + block distillation" "oViT 2:4 + block distillation"   # + reconstruction
+    python benchmarks/sparsity.py --out benchmarks/results/sparsity_reconstruction --append \
+        --methods "oViT + block distillation" --levels "[0.6,0.8]" --nvit-model outputs/prune/<run>/model
 
 Every method runs exactly as `python prune.py pruner=<method>` does (the same configs and code path):
 the Fisher from per-sample gradients on the 1000-image ImageNet sample (eval transform), sparsity over
 the block linears (q, k, v, proj, fc1, fc2), one model per level; top-1 on the 1300 validation images,
 which calibration never sees. The damping of each second-order method is its config default, chosen
-on held-out sample images (README). A "+ block distillation" run (`reconstruction=block_distill`)
-also reports each level before its reconstruction (the same oViT model, same run) as "<method>, alone".
+on held-out sample images (README). The plain rows run with `reconstruction=none`. A "+ block
+distillation" run (`reconstruction=block_distill`) or "+ masked refit" run
+(`reconstruction=sparse_refit`: the least-squares refit of each sparse row on its kept weights) also
+reports each level before its reconstruction (the same oViT model, same run) as "<method>, alone".
 """
 
 from __future__ import annotations
@@ -26,17 +30,20 @@ from nvit_lightning.app import setup_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = "[0.5,0.6,0.7,0.8]"
-# block distillation of each sparse model, zeros held (docs/sparsity_reconstruction.md for the settings)
+# the reconstruction of each sparse model, zeros held (docs/sparsity_reconstruction.md for the settings)
+NONE = ["reconstruction=none"]  # the same as prune.py's default (least_squares) for sparse models
 DISTILL = ["reconstruction=block_distill"]
+RECONSTRUCTIONS = {"block distillation": DISTILL, "masked refit": ["reconstruction=sparse_refit"]}
 RUNS = {  # name: prune.py overrides
-    "oViT": ["pruner=ovit", f"pruner.sparsities={LEVELS}"],
-    "WoodFisher": ["pruner=woodfisher", f"pruner.sparsities={LEVELS}"],
-    "global magnitude": ["pruner=global_magnitude", f"pruner.sparsities={LEVELS}"],
-    "oViT 2:4": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null"],
-    "WoodFisher 2:4": ["pruner=woodfisher", "pruner.pattern=2:4", "pruner.sparsities=null"],
-    "magnitude 2:4": ["pruner=global_magnitude", "pruner.pattern=2:4", "pruner.sparsities=null"],
-    "oViT + block distillation": ["pruner=ovit", f"pruner.sparsities={LEVELS}", *DISTILL],
-    "oViT 2:4 + block distillation": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null", *DISTILL],
+    "oViT": ["pruner=ovit", f"pruner.sparsities={LEVELS}", *NONE],
+    "WoodFisher": ["pruner=woodfisher", f"pruner.sparsities={LEVELS}", *NONE],
+    "global magnitude": ["pruner=global_magnitude", f"pruner.sparsities={LEVELS}", *NONE],
+    "oViT 2:4": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null", *NONE],
+    "WoodFisher 2:4": ["pruner=woodfisher", "pruner.pattern=2:4", "pruner.sparsities=null", *NONE],
+    "magnitude 2:4": ["pruner=global_magnitude", "pruner.pattern=2:4", "pruner.sparsities=null", *NONE],
+    **{f"oViT + {step}": ["pruner=ovit", f"pruner.sparsities={LEVELS}", *how] for step, how in RECONSTRUCTIONS.items()},
+    **{f"oViT 2:4 + {step}": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null", *how]
+       for step, how in RECONSTRUCTIONS.items()},
 }
 
 
@@ -46,7 +53,7 @@ def run(overrides: list[str], out_dir: Path) -> dict:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("prune", overrides=[*overrides, f"paths.output_dir={out_dir}"])
     start = time.time()
-    report = prune.sparsify(cfg)
+    report = prune.run(cfg)
     report["seconds"] = round(time.time() - start)
     return report
 
@@ -57,10 +64,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/nvit_sparsity"), help="where the models go")
     parser.add_argument("--methods", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--nvit-model", type=Path, help="a prune.py model/ dir: also sparsify it to 50 %% by oViT")
+    parser.add_argument("--nvit-reconstruction", choices=["none", *RECONSTRUCTIONS],
+                        help="of the NViT + oViT run (default: that of the last --methods entry with one, else none)")
     parser.add_argument("--levels", help="sparsities of the unstructured runs, e.g. [0.5,0.7] (default: all four)")
     parser.add_argument("--overrides", nargs="*", default=[], help="more prune.py overrides for every run, e.g. "
                         "reconstruction.distillation.epochs=4")
-    parser.add_argument("--append", action="store_true", help="keep the rows already in --out's sparsity.json")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out's sparsity.json (a row "
+                        "run again gains the new levels)")
     args = parser.parse_args()
     setup_environment()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -69,19 +79,36 @@ def main() -> None:
     for name in args.methods:
         overrides = [f"pruner.sparsities={args.levels}" if o.startswith("pruner.sparsities=[") and args.levels else o
                      for o in RUNS[name]]
-        results.update(rows(name, run([*overrides, *args.overrides],
+        merge(results, rows(name, run([*overrides, *args.overrides],
                                       args.work / name.replace(" ", "_").replace(":", "of"))))
     if args.nvit_model:
-        distill = any("distillation" in name for name in args.methods)
-        name = "NViT compact + oViT 50 %" + (" + block distillation" if distill else "")
+        step = args.nvit_reconstruction or next((name.split(" + ", 1)[1] for name in reversed(args.methods)
+                                                 if " + " in name), "none")
+        name = "NViT compact + oViT 50 %" + ("" if step == "none" else f" + {step}")
         report = run(["pruner=ovit", "pruner.sparsities=[0.5]", "model=from_dir",
-                      f"model.pretrained_dir={args.nvit_model}", *(DISTILL if distill else []), *args.overrides],
-                     args.work / "nvit_ovit")
-        results.update(rows(name, report))
+                      f"model.pretrained_dir={args.nvit_model}", *RECONSTRUCTIONS.get(step, NONE), *args.overrides],
+                     args.work / ("nvit_ovit" if step == "none" else f"nvit_ovit_{step.replace(' ', '_')}"))
+        merge(results, rows(name, report))
     saved.write_text(json.dumps(results, indent=2))
     (args.out / "sparsity.md").write_text(table(results))
     plot(results, args.out / "sparsity.png")
     print(table(results))
+
+
+def merge(results: dict, new: dict) -> None:
+    """Add `new` rows; a row already there (an --append run of other levels) gains the new levels,
+    and its time becomes that of both runs."""
+    for name, row in new.items():
+        old = results.get(name)
+        if old == row:
+            continue
+        if old is None or old["dense_top1"] != row["dense_top1"]:
+            results[name] = row
+            continue
+        for key in ("levels", "distill_seconds", "refit_seconds"):
+            if key in row:
+                old[key] = dict(sorted({**old.get(key, {}), **row[key]}.items()))
+        old["seconds"] += row["seconds"]
 
 
 def rows(name: str, report: dict) -> dict[str, dict]:
@@ -91,7 +118,12 @@ def rows(name: str, report: dict) -> dict[str, dict]:
                   "levels": {f"{e['sparsity']:.2f}": e["top1"] for e in report["sparse"]}}}
     if all("before_reconstruction" in e for e in report["sparse"]):
         out[name]["distill_seconds"] = {f"{e['sparsity']:.2f}": e["distillation"]["seconds"] for e in report["sparse"]}
-        alone = name.replace(" + block distillation", "") + ", alone"
+        step = next(step for step in RECONSTRUCTIONS if name.endswith(f" + {step}"))
+        base = name[:-len(f" + {step}")]
+        alone = f"{base}, alone" if step == "block distillation" else f"{base}, alone (before {step})"
+        if any("refit_seconds" in e["distillation"] for e in report["sparse"]):
+            out[name]["refit_seconds"] = {f"{e['sparsity']:.2f}": e["distillation"]["refit_seconds"]
+                                          for e in report["sparse"]}
         out[alone] = {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
                       "levels": {f"{e['sparsity']:.2f}": e["before_reconstruction"]["top1"] for e in report["sparse"]}}
     for key, row in out.items():

@@ -8,6 +8,7 @@ import copy
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -39,6 +40,15 @@ def write_snapshot(compact: PrunableViT, directory: str | Path, target: float) -
     path = snapshot_path(directory, target)
     compact.save_pretrained(path)
     return path
+
+
+def structured_reconstruction(reconstruction: Any) -> Reconstruction | None:
+    """The configured reconstruction, checked before any work to be one a masked model takes
+    (`conf/reconstruction/sparse_refit.yaml` repairs sparse models only)."""
+    if reconstruction is not None and not isinstance(reconstruction, Reconstruction):
+        raise ValueError("reconstruction=sparse_refit is the refit of sparse models (pruner=ovit | woodfisher | "
+                         "global_magnitude); structured pruning: reconstruction=least_squares or block_distill")
+    return reconstruction
 
 
 def prune_and_refit(pruner: Pruner, model: PrunableViT, reference: PrunableViT, latency_model: LatencyModel,

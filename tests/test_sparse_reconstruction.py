@@ -16,7 +16,8 @@ from nvit_lightning.app import build
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
-from nvit_lightning.sparsity.distill import distill_sparse
+from nvit_lightning.sparsity.distill import SparseReconstruction, distill_sparse
+from nvit_lightning.sparsity.refit import masked_lstsq, masked_refit
 
 from .conftest import block_outputs, tiny_vit
 
@@ -158,8 +159,9 @@ def test_sweep_with_distillation_keeps_exact_zeros_through_a_resume(tmp_path, mo
 
 def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
     """`prune.py pruner=ovit reconstruction=block_distill`: each level is distilled (zeros exact, the
-    report holds the accuracy before and the block errors); the least-squares refit alone does not
-    apply to sparse models and changes nothing."""
+    report holds the accuracy before and the block errors); `reconstruction=sparse_refit`: each level
+    refit row by row (zeros exact, the layers' errors lower); the least-squares refit of whole layers
+    does not apply to sparse models and changes nothing."""
     from nvit_lightning.cli import prune
 
     from .test_app import SPARSE_SMALL, compose_cfg
@@ -168,14 +170,134 @@ def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
             "data.batch_size=8"]
     distilled = prune.run(compose_cfg("prune", [*ovit, "reconstruction=block_distill", "reconstruction.batches=2",
                                                      "reconstruction.distillation.epochs=2"], tmp_path / "bd"))
+    refit = prune.run(compose_cfg("prune", [*ovit, "reconstruction=sparse_refit", "reconstruction.batches=2"],
+                                  tmp_path / "refit"))
     plain = prune.run(compose_cfg("prune", [*ovit, "reconstruction=least_squares"], tmp_path / "ls"))
-    (entry,), (alone,) = distilled["sparse"], plain["sparse"]
-    assert entry["achieved"] == alone["achieved"] and abs(entry["achieved"] - 0.5) < 1e-3
-    assert entry["before_reconstruction"] == {k: alone[k] for k in ("top1", "top5")}  # the same oViT model
+    (entry,), (refit_entry,), (alone,) = distilled["sparse"], refit["sparse"], plain["sparse"]
+    assert entry["achieved"] == refit_entry["achieved"] == alone["achieved"] and abs(entry["achieved"] - 0.5) < 1e-3
+    for e in (entry, refit_entry):
+        assert e["before_reconstruction"] == {k: alone[k] for k in ("top1", "top5")}  # the same oViT model
     assert all(after <= before for before, after in entry["distillation"]["block_errors"])
+    assert "refit_errors" not in entry["distillation"]  # block_distill: the distillation alone
+    errors = refit_entry["distillation"]["refit_errors"]  # proj, fc1, fc2 of both blocks
+    assert sorted(errors) == sorted(f"blocks.{i}.{n}" for i in range(2) for n in ("attn.proj", "mlp.fc1", "mlp.fc2"))
+    assert all(after <= before for before, after in errors.values())
+    assert "block_errors" not in refit_entry["distillation"]
     assert "distillation" not in alone and plain["reconstruction"] is None
     assert distilled["reconstruction"]["distillation"]["epochs"] == 2
-    tuned = PrunableViT.from_pretrained(entry["dir"]).state_dict()
     ovit_only = PrunableViT.from_pretrained(alone["dir"]).state_dict()
-    for name in sparsifiable_layers(PrunableViT.from_pretrained(entry["dir"])):
-        assert torch.equal(tuned[f"{name}.weight"] == 0, ovit_only[f"{name}.weight"] == 0), name
+    for e in (entry, refit_entry):
+        tuned = PrunableViT.from_pretrained(e["dir"]).state_dict()
+        for name in sparsifiable_layers(PrunableViT.from_pretrained(e["dir"])):
+            assert torch.equal(tuned[f"{name}.weight"] == 0, ovit_only[f"{name}.weight"] == 0), name
+            if e is refit_entry and name in errors and errors[name][1] < errors[name][0]:  # the solution written
+                assert not torch.equal(tuned[f"{name}.weight"], ovit_only[f"{name}.weight"]), name
+
+
+def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
+    """sparse_refit: the masked refit of proj / fc1 / fc2 alone; block_distill: the distillation
+    alone (16 passes); least_squares and none: nothing."""
+    from hydra import compose, initialize_config_dir
+
+    from nvit_lightning.app import config_dir
+    from nvit_lightning.sparsity.distill import sparse_distillation
+
+    plans = {}
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for name in ("least_squares", "block_distill", "sparse_refit", "none"):
+            cfg = compose("prune", overrides=["pruner=ovit", f"reconstruction={name}"])
+            plans[name] = sparse_distillation(build(cfg.reconstruction) if cfg.reconstruction else None)
+    assert plans["none"] is None and plans["least_squares"] is None
+    assert plans["block_distill"].layers == () and plans["block_distill"].distillation.epochs == 16
+    assert plans["sparse_refit"] == SparseReconstruction(("proj", "fc1", "fc2"), "reference", 0.01, 16, None)
+    with pytest.raises(ValueError, match=r"reconstruction\.layers: unknown"):
+        SparseReconstruction(layers=("qkv", "mlp"))
+    from nvit_lightning.oneshot import structured_reconstruction
+
+    with pytest.raises(ValueError, match="is the refit of sparse models"):  # structured runs refuse it up front
+        structured_reconstruction(plans["sparse_refit"])
+
+
+# ---- the masked least-squares refit (sparsity/refit.py) ---------------------------------------------
+def test_masked_lstsq_is_exact_when_the_target_is_reachable_with_the_mask() -> None:
+    """Y = X Wᵀ + b with W zero off a random mask: the per-row solve recovers W and b to 1e-9, and
+    every weight off the mask is exactly zero (whatever the solve's batching)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 24, generator=g, dtype=torch.float64)
+    mask = torch.rand(10, 24, generator=g) > 0.6
+    weight = torch.randn(10, 24, generator=g, dtype=torch.float64) * mask
+    bias = torch.randn(10, generator=g, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(400, 1, dtype=torch.float64)], 1)
+    y = x @ weight.T + bias
+    for rows in (3, 64):
+        solution = masked_lstsq(xa.T @ xa, xa.T @ y, mask, torch.zeros(25, 10, dtype=torch.float64), 1e-12,
+                                rows_per_solve=rows)
+        assert (solution[:-1].T - weight).abs().max() < 1e-9 and (solution[-1] - bias).abs().max() < 1e-9
+        assert not solution[:-1].T[~mask].any()
+    no_bias = masked_lstsq(xa.T @ xa, xa.T @ (x @ weight.T), mask, torch.zeros(25, 10, dtype=torch.float64),
+                           1e-12, bias=False)
+    assert (no_bias[:-1].T - weight).abs().max() < 1e-9 and not no_bias[-1].any()
+
+
+def test_masked_lstsq_beats_every_other_weight_on_the_mask() -> None:
+    """Unreachable target: the solution's squared error is below the current weights' and below any
+    perturbation of them on the mask (it is the least-squares optimum there)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(300, 16, generator=g, dtype=torch.float64), torch.ones(300, 1, dtype=torch.float64)], 1)
+    y = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 16, generator=g) > 0.5
+    free = torch.cat([mask.T, torch.ones(1, 6, dtype=torch.bool)])  # in+1, out: the weights on the mask, the bias
+    current = torch.randn(17, 6, generator=g, dtype=torch.float64) * free
+    solution = masked_lstsq(x.T @ x, x.T @ y, mask, current, 1e-12)
+
+    def sse(w: Tensor) -> float:
+        return float((x @ w - y).square().sum())
+
+    assert sse(solution) < sse(current)
+    for _ in range(5):
+        nudge = 1e-3 * torch.randn(17, 6, generator=g, dtype=torch.float64) * free
+        assert sse(solution) <= sse(solution + nudge)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_masked_refit_keeps_the_zeros_and_lowers_every_layers_error(pattern: str) -> None:
+    dense = _dense()
+    sparse = _sparse(dense, pattern)
+    names = list(sparsifiable_layers(sparse))
+    before = copy.deepcopy(sparse.state_dict())
+    images = [x for x, _ in _batches()]
+    results = masked_refit(sparse, dense, images, ("qkv", "proj", "fc1", "fc2"), names, damping=1e-3,
+                           progress=False)
+    assert [r.layer for r in results] == [f"blocks.{i}.{n}" for i in range(2) for n in
+                                         ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert all(r.error_after <= r.error_before for r in results)
+    assert sum(r.error_after < 0.99 * r.error_before for r in results) >= 10  # most layers move
+    modules = dict(sparse.named_modules())
+    for name in names:
+        weight = modules[name].weight
+        assert torch.equal(weight == 0, before[f"{name}.weight"] == 0), name
+        if pattern == "2:4":
+            assert is_n_m_sparse(weight, 2, 4), name
+
+
+def test_sparse_reconstruction_refits_then_distils_with_exact_zeros() -> None:
+    """The refit, then the distillation (every step checked): zeros exact throughout, the report holds
+    both, and every block ends closer to the dense stream than oViT left it."""
+    dense = _dense()
+    sparse = _sparse(dense, "unstructured")
+    ovit = copy.deepcopy(sparse)
+    names = list(sparsifiable_layers(sparse))
+    masks = weight_masks(sparse, names)
+    plan = SparseReconstruction(layers=("qkv", "proj", "fc1", "fc2"), damping=1e-3,
+                                distillation=BlockDistillation(epochs=4, lr=1e-3, batch_size=16))
+    batches = _batches(4)
+    with _check_every_step(sparse, masks) as steps:
+        report = distill_sparse(plan, sparse, dense, batches, names, progress=False)
+    assert steps[0] == 2 * 4 * 4
+    assert len(report["refit_errors"]) == 12 and len(report["block_errors"]) == 2
+    assert all(after <= before for before, after in report["refit_errors"].values())
+    images = [x for x, _ in batches]
+    for o, s, r in zip(block_outputs(ovit, images), block_outputs(sparse, images), block_outputs(dense, images)):
+        assert (s - r).square().sum() < 0.9 * (o - r).square().sum()
+    for name, mask in masks.items():
+        assert torch.equal(dict(sparse.named_parameters())[name] != 0, mask.bool()), name

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..pruning.block_distill import BlockDistillation
 from ..sparsity import Sparsifier
-from ..sparsity.distill import distill_sparse
+from ..sparsity.distill import SparseReconstruction, distill_sparse
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,17 @@ class SparsitySweep(L.Callback):
     `steps_per_level` optimizer steps with its zeros fixed (gradients masked before every step,
     weights re-masked after it, so neither momentum nor weight decay revives them), saved to
     `save_dir/sparsity_<s>` and, with a checkpoint, used as the starting point of the next level.
-    With `distillation`, each level's sparse model is first block-distilled towards `reference` (the
-    dense model) on `distill_batches`, its zeros held (`sparsity/distill.py`), then fine-tuned.
+    With `distillation` (a `SparseReconstruction`: the masked refit and / or block distillation, or a
+    bare `BlockDistillation`), each level's sparse model is first reconstructed towards `reference`
+    (the dense model) on `distill_batches`, its zeros held (`sparsity/distill.py`), then fine-tuned.
     The sparsifier (and the distillation) run on rank 0 and the weights are broadcast, so every DDP
     rank holds the same masks. Level, masks and saved models live in the checkpoint: a resumed run
     continues mid-sweep.
     """
 
     def __init__(self, sparsifier: Sparsifier, batches: Iterable[tuple[Tensor, Tensor]], steps_per_level: int,
-                 save_dir: str, checkpoint_dir: str | None = None, distillation: BlockDistillation | None = None,
+                 save_dir: str, checkpoint_dir: str | None = None,
+                 distillation: SparseReconstruction | BlockDistillation | None = None,
                  reference: nn.Module | None = None,
                  distill_batches: Iterable[tuple[Tensor, Tensor]] | None = None) -> None:
         super().__init__()
@@ -104,7 +106,7 @@ class SparsitySweep(L.Callback):
             if self.distillation is not None:  # trains every block parameter, so the whole state travels
                 report = distill_sparse(self.distillation, sparse, self.reference, self.distill_batches,
                                         list(self.sparsifier.layers(sparse)), next(student.parameters()).device)
-                log.info(f"sparsity {level:.2f}: block distillation in {report['seconds']} s")
+                log.info(f"sparsity {level:.2f}: reconstruction in {report['seconds']} s")
             state = {name: value.detach().cpu() for name, value in sparse.state_dict().items()}
         state = trainer.strategy.broadcast(state, src=0)
         student.load_state_dict(state)

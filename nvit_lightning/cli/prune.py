@@ -29,7 +29,7 @@ from nvit_lightning.errors import check_cli_args, cli_errors, hydra_exit_codes
 from nvit_lightning.export import onnx_mode
 from nvit_lightning.finish import finish_pruning, finish_sparsity
 from nvit_lightning.measure import calibration_data, describe_model, describe_sparse, val_accuracy
-from nvit_lightning.oneshot import prune_and_refit, recover
+from nvit_lightning.oneshot import prune_and_refit, recover, structured_reconstruction
 from nvit_lightning.oneshot_state import check_before_hydra as check_oneshot_resume
 from nvit_lightning.oneshot_state import open_state
 from nvit_lightning.pruning import Pruner
@@ -62,7 +62,7 @@ def prune(cfg: DictConfig, pruner: Pruner) -> dict:
     pruner.check(model, latency_model)  # an unreachable target: before the dense evaluation
     state = open_state(cfg, "prune.py")  # ckpt_path=last: the saved one-shot state, checked
     dense_model = copy.deepcopy(model).eval()
-    reconstruction = build(cfg.reconstruction) if cfg.reconstruction else None
+    reconstruction = structured_reconstruction(build(cfg.reconstruction) if cfg.reconstruction else None)
     save_config(cfg, out_dir)
     dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=True)
     loggers = build_all(cfg.logger)
@@ -113,7 +113,7 @@ def sparsify(cfg: DictConfig, pruner: Pruner) -> dict:
         levels.append({**describe_sparse(sparse, pruner, level, path, datamodule, cfg), **extra})
         if distillation is not None:  # runs take minutes per level: each level's result as it comes
             print(f"sparsity {level:.2f}: top-1 {extra['before_reconstruction'].get('top1')} ({pruner.name} "
-                  f"alone) -> {levels[-1].get('top1')} with block distillation ({extra['distillation']['seconds']} s)",
+                  f"alone) -> {levels[-1].get('top1')} after the reconstruction ({extra['distillation']['seconds']} s)",
                   flush=True)
     return finish_sparsity(cfg, report_dense, levels, pruner.describe(), build_all(cfg.logger),
                            reconstruction=OmegaConf.to_container(cfg.reconstruction) if distillation else None)

@@ -37,7 +37,7 @@ from nvit_lightning.latency.timing import prunable_spec
 from nvit_lightning.measure import calibration_data, describe_model, describe_sparse, val_accuracy
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.module import NViTModule
-from nvit_lightning.oneshot import prune_and_refit
+from nvit_lightning.oneshot import prune_and_refit, structured_reconstruction
 from nvit_lightning.oneshot_state import check_before_hydra as check_oneshot_resume
 from nvit_lightning.oneshot_state import has_state as has_oneshot_state
 from nvit_lightning.oneshot_state import open_state
@@ -81,7 +81,7 @@ def prune_and_finetune(cfg: DictConfig, pruner: Pruner) -> dict:
     datamodule, model, latency_model = build_run(cfg)
     pruner.check(model, latency_model)  # bad group sizes, an unreachable target: before the dense evaluation
     dense_arch = prunable_spec(model)  # timed beside the pruned model at the end
-    reconstruction = build(cfg.reconstruction) if cfg.reconstruction else None
+    reconstruction = structured_reconstruction(build(cfg.reconstruction) if cfg.reconstruction else None)
     if is_rank_zero():
         save_config(cfg, out_dir)
         log.info(f"latency model: {latency_model.describe()}; output: {out_dir}")
