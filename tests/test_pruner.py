@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nvit_lightning.latency import FlopsLatency
 from nvit_lightning.models import EMB, KINDS, PrunableViT, ViTDims
 from nvit_lightning.pruning import (
-    FlopsLatency,
     GlobalPruner,
     Structure,
     UnreachableTargetError,
