@@ -38,10 +38,13 @@ def describe_model(model: PrunableViT, latency_model: LatencyModel, datamodule: 
     return model_entry(model, latency_model, None, val_accuracy(model, datamodule, cfg, name) or None, with_dims)
 
 
-def calibration_data(datamodule: Any, num_batches: int) -> Any:
-    """`num_batches` batches of data.train's fixed random calibration subset (eval transform, the
-    same images on every pass; `Pruner.calibration_batches` says how many), none for 0."""
-    return datamodule.calib_dataloader(num_batches) if num_batches > 0 else []
+def calibration_data(pruner: Any, datamodule: Any, calib_batches: int, at_least: int = 0) -> tuple[int, Any]:
+    """How many calibration batches `pruner` reads (`Pruner.calibration_batches`, from the run's
+    `calib_batches`) and the batches themselves, at least `at_least` of them (the refit's): data.train's
+    fixed random calibration subset, eval transform, the same images on every pass; none for 0."""
+    reads = pruner.calibration_batches(calib_batches, datamodule.batch_size)
+    num_batches = max(reads, at_least)
+    return reads, datamodule.calib_dataloader(num_batches) if num_batches > 0 else []
 
 
 def describe_sparse(model: PrunableViT, sparsifier: Sparsifier, level: float, path: str | Path, datamodule: Any,

@@ -67,9 +67,9 @@ def prune(cfg: DictConfig, pruner: Pruner) -> dict:
     dense = describe_model(dense_model, latency_model, datamodule, cfg, "dense", with_dims=True)
     loggers = build_all(cfg.logger)
 
-    calib = pruner.calibration_batches(cfg.calib_batches, datamodule.batch_size)
-    # decoded once, reused by the pruner and the refit
-    batches = list(calibration_data(datamodule, max(calib, reconstruction.batches if reconstruction else 0)))
+    calib, batches = calibration_data(pruner, datamodule, cfg.calib_batches,
+                                      reconstruction.batches if reconstruction else 0)
+    batches = list(batches)  # decoded once, reused by the pruner and the refit
     compacts, snapshots, history = prune_and_refit(pruner, model, dense_model, latency_model, batches, calib,
                                                    reconstruction, work_device(cfg), out_dir / "snapshots", state=state)
     compact = compacts[pruner.target]
@@ -100,7 +100,7 @@ def sparsify(cfg: DictConfig, pruner: Pruner) -> dict:
     save_config(cfg, out_dir)
 
     report_dense = {"params": dense.num_params(), **val_accuracy(dense, datamodule, cfg, "dense")}
-    batches = calibration_data(datamodule, pruner.calibration_batches(cfg.calib_batches, datamodule.batch_size))
+    _, batches = calibration_data(pruner, datamodule, cfg.calib_batches)
     levels = []
     for level, sparse in pruner(dense, latency_model, batches, work_device(cfg)).items():
         extra = {}

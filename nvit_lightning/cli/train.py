@@ -105,8 +105,9 @@ def prune_and_finetune(cfg: DictConfig, pruner: Pruner) -> dict:
     else:
         # ---- stage 1, one shot: the pruner on calibration images, refit to the dense model -----------
         teacher = copy.deepcopy(model).eval()
-        calib = pruner.calibration_batches(cfg.calib_batches, datamodule.batch_size)
-        batches = list(calibration_data(datamodule, max(calib, reconstruction.batches if reconstruction else 0)))
+        calib, batches = calibration_data(pruner, datamodule, cfg.calib_batches,
+                                          reconstruction.batches if reconstruction else 0)
+        batches = list(batches)  # decoded once, reused by the pruner and the refit
         # DDP's other ranks prune alike (the same batches and decisions) but write nothing
         others, snapshots, history = prune_and_refit(
             pruner, model, teacher, latency_model, batches, calib, reconstruction, device=work_device(cfg),
@@ -145,8 +146,7 @@ def sparsity_sweep(cfg: DictConfig, pruner: Pruner, max_steps: int | None = None
     datamodule, model, latency_model = build_run(cfg)
     model = model.compact()
     pruner.check(model, latency_model)
-    sweep = SparsitySweep(pruner, calibration_data(datamodule, pruner.calibration_batches(cfg.calib_batches,
-                                                                                           datamodule.batch_size)),
+    sweep = SparsitySweep(pruner, calibration_data(pruner, datamodule, cfg.calib_batches)[1],
                           cfg.sweep.steps_per_level, save_dir=str(out_dir / "sparse"),
                           checkpoint_dir=str(out_dir / "checkpoints"), distillation=distillation,
                           reference=copy.deepcopy(model).eval() if distillation else None,

@@ -80,28 +80,35 @@ class RankedGroups:
         return [(self.keys[layer], self.chunks[layer][row]) for layer, row in pairs]
 
 
+def check_ranking_options(eta: float, groups_per_event: int, targets: Sequence[float], ranking: str,
+                          latency_step: float | None, kinds: Sequence[str]) -> None:
+    """The global ranking's options, checked where it is configured (`ranking.GlobalRanking`, before
+    any model is loaded) and where it is built (`GlobalPruner`)."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
+    if latency_step is not None and not 0.0 < latency_step < 1.0:
+        raise ValueError(f"latency_step must lie strictly between 0 and 1 (a fraction of the dense "
+                         f"latency per event), got {latency_step}")
+    if set(kinds) - set(KINDS) or not kinds:
+        raise ValueError(f"pruner.kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+    if groups_per_event < 1:
+        raise ValueError(f"groups_per_event must be >= 1, got {groups_per_event}")
+    targets = [float(t) for t in targets]
+    if not targets or any(not 0.0 < t < 1.0 for t in targets):
+        raise ValueError(f"latency targets must lie strictly between 0 and 1, got {targets}")
+
+
 class GlobalPruner:
     def __init__(self, structure: Structure, latency_model: LatencyModel, eta: float = 0.0,
                  groups_per_event: int = 8, targets: Sequence[float] = (0.7,),
                  dense_latency: float | None = None, ranking: str = "penalty",
                  latency_step: float | None = None, kinds: Sequence[str] = KINDS) -> None:
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        if ranking not in RANKINGS:
-            raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
-        if latency_step is not None and not 0.0 < latency_step < 1.0:
-            raise ValueError(f"latency_step must lie strictly between 0 and 1 (a fraction of the dense "
-                             f"latency per event), got {latency_step}")
+        check_ranking_options(eta, groups_per_event, targets, ranking, latency_step, kinds)
         self.ranking, self.latency_step = ranking, latency_step
-        unknown = set(kinds) - set(KINDS)
-        if unknown or not kinds:
-            raise ValueError(f"pruner.kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
         self.kinds = tuple(k for k in KINDS if k in kinds)
-        if groups_per_event < 1:
-            raise ValueError(f"groups_per_event must be >= 1, got {groups_per_event}")
         targets = [float(t) for t in targets]
-        if not targets or any(not 0.0 < t < 1.0 for t in targets):
-            raise ValueError(f"latency targets must lie strictly between 0 and 1, got {targets}")
         self.structure, self.latency_model = structure, latency_model
         self.eta, self.groups_per_event = float(eta), int(groups_per_event)
         self.targets = sorted(set(targets), reverse=True)

@@ -23,7 +23,7 @@ from ..models import KINDS, PrunableViT
 from .base import Pruner
 from .criteria import CRITERIA, Criterion
 from .groups import Structure
-from .pruner import RANKINGS, GlobalPruner, PruningEvent, build_pruning, event_record, prune_to_targets
+from .pruner import GlobalPruner, PruningEvent, build_pruning, check_ranking_options, event_record, prune_to_targets
 
 log = logging.getLogger("nvit_lightning")
 
@@ -45,24 +45,16 @@ class GlobalRanking(Pruner):
                  ema_beta: float = 0.9, seed: int = 0, rescore: bool = True, rescore_batches: int = 4) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"unknown pruner.criterion '{criterion}'; choose one of {sorted(CRITERIA)}")
-        if ranking not in RANKINGS:
-            raise ValueError(f"unknown pruner.ranking '{ranking}'; choose one of {RANKINGS}")
         self.target = float(target)
         self.targets = sorted({self.target, *map(float, snapshots)}, reverse=True)
-        if any(not 0.0 < t < 1.0 for t in self.targets):
-            raise ValueError(f"latency targets must lie strictly between 0 and 1 (pruner.target, pruner.snapshots), "
-                             f"got {self.targets}")
+        check_ranking_options(float(eta), int(groups_per_event), self.targets, ranking, latency_step, kinds)
         if any(float(t) <= self.target for t in snapshots):
             raise ValueError(f"pruner.snapshots {list(snapshots)} must all be above pruner.target {target}")
-        for key, value in (("eta", eta), ("ema_beta", ema_beta)):
-            if float(value) < 0:
-                raise ValueError(f"pruner.{key} must be >= 0, got {value}")
-        for key, value in (("interval", interval), ("groups_per_event", groups_per_event),
-                           ("rescore_batches", rescore_batches)):
+        if float(ema_beta) < 0:
+            raise ValueError(f"pruner.ema_beta must be >= 0, got {ema_beta}")
+        for key, value in (("interval", interval), ("rescore_batches", rescore_batches)):
             if int(value) < 1:
                 raise ValueError(f"pruner.{key} must be >= 1, got {value}")
-        if set(kinds) - set(KINDS) or not kinds:
-            raise ValueError(f"pruner.kinds must be a non-empty subset of {list(KINDS)}, got {list(kinds)}")
         self.name = self.criterion = criterion
         self.ranking, self.eta, self.latency_step = ranking, float(eta), latency_step
         self.interval, self.groups_per_event = int(interval), int(groups_per_event)
