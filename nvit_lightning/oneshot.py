@@ -61,8 +61,9 @@ def prune_and_refit(pruner: Pruner, model: PrunableViT, reference: PrunableViT, 
     that lost something is saved under `snapshot_dir` (when given). Returns the compact models and
     the snapshot paths, by target, and the pruner's history.
 
-    With `state`, SIGINT / SIGTERM stop the pipeline after the current block (the pruner's search:
-    once it returns), its state saved (`oneshot_state.py`); a resumed state goes on from there."""
+    With `state`, SIGINT / SIGTERM stop the pipeline after the current block (of the search when the
+    pruner `saves_progress`, else once it returns), its state saved (`oneshot_state.py`); a resumed
+    state goes on from there."""
     state = state or OneShotState()  # none: nothing saved, signals left alone
     with stop_on_signals() if state.active else nullcontext():
         try:
@@ -92,12 +93,16 @@ def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batc
     if saved is not None:
         set_rng_state(saved["rng"])  # as the pruner left them: later random draws are the same
         return {float(t): _with_state(model, s) for t, s in saved["targets"].items()}, saved["history"]
-    previous = stop_after(f"the search (pruner={pruner.name}) finishes: it runs as one step")
-    pruned = pruner(model, latency_model, batches, device, progress)
+    progress_file = state.checkpoint("search")  # a pruner that saves_progress: its steps so far
+    previous = stop_after(f"the current step of the search (pruner={pruner.name})" if pruner.saves_progress else
+                          f"the search (pruner={pruner.name}) finishes: it runs as one step")
+    pruned = pruner(model, latency_model, batches, device, progress, progress_file)
     stop_after(previous)
     history = list(pruner.history)
     checkpoint.save({"targets": {str(t): cpu_state(m) for t, m in pruned.items()}, "history": history,
                      "rng": rng_state()})
+    for part in (progress_file.part("statistics"), progress_file):  # held in pruned.pt now
+        part.remove()
     raise_if_stop_requested(f"the search (pruner={pruner.name})")
     return pruned, history
 

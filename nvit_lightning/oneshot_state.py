@@ -3,12 +3,15 @@
 Under `<run>/checkpoints/oneshot/`, every file written atomically (`pruning.interrupt.Checkpoint`):
 
     fingerprint.json            the config sections the state depends on (a resume must match them)
+    search.pt / search.statistics.pt   the latency search so far: the blocks traced, the layer statistics
     pruned.pt                   the pruner's masked models by target, its history, the RNG states after it
+                                (once it is written, the search's files go)
     target_<t>.pt               a target's finished refit (the masked model)
     target_<t>.least_squares.pt / target_<t>.distillation.pt     a refit stopped after some block
 
-On SIGINT / SIGTERM the pipeline stops after the current block (the pruner's search: once it returns),
-saves, and prints the command that resumes it: the run's own overrides plus `ckpt_path=last`.
+On SIGINT / SIGTERM the pipeline stops after the current block (of the latency search, the refit or
+the distillation; a pruner that does not save its progress: once it returns), saves, and prints the
+command that resumes it: the run's own overrides plus `ckpt_path=last`.
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ def check_before_hydra(config_name: str, script: str, argv: list[str]) -> bool:
     except Exception:  # bad pruner options: the run reports them
         return False
     try:
-        if pruner.output != "masked" or pruner.gradual:
+        # prune.py runs every masked pruner in one shot; train.py trains a gradual one (its own checkpoints)
+        if pruner.output != "masked" or (pruner.gradual and config_name == "train"):
             if config_name == "train":
                 return False
             raise ValueError(f"ckpt_path resumes the one-shot pipeline of a structural pruner; pruner={pruner.name} "

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from nvit_lightning.pruning import block_distill, reconstruct, search
+from nvit_lightning.pruning import ranking as ranking_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,18 +178,76 @@ def test_the_stop_message_names_the_block_and_the_command(capfd: pytest.CaptureF
     assert "Traceback" not in output
 
 
-def test_a_stop_during_the_search_takes_effect_when_it_returns(
+def oneshot_files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints" / "oneshot").iterdir())
+
+
+def counting(patch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """The calls of `owner.name` from now on."""
+    original, calls = getattr(owner, name), []
+    patch.setattr(owner, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_a_stop_during_the_search_statistics_saves_them_and_resumes_bit_identically(
         capfd: pytest.CaptureFixture, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
     run_dir = tmp_path / "run"
     with pytest.MonkeyPatch.context() as patch:
-        signal_at(patch, search.LatencySearch, "traces", call=1)
+        signal_at(patch, search, "collect_statistics", call=1)
         done = main(capfd, run_dir)
     assert done.returncode == 143, done.stderr[-3000:]
-    assert "SIGTERM: stopping after the search (pruner=obs_search) finishes" in done.stdout + done.stderr
-    assert "stopped after the search (pruner=obs_search)" in done.stdout + done.stderr
-    assert sorted(p.name for p in (run_dir / "checkpoints" / "oneshot").iterdir()) == ["fingerprint.json", "pruned.pt"]
-    assert main(capfd, run_dir, "ckpt_path=last").returncode == 0
+    output = done.stdout + done.stderr
+    assert "SIGTERM: stopping after the current step of the search (pruner=obs_search)" in output
+    assert "stopped after the search's layer statistics; state saved in" in output
+    assert oneshot_files(run_dir) == ["fingerprint.json", "search.statistics.pt"]
+    saved = torch.load(run_dir / "checkpoints" / "oneshot" / "search.statistics.pt", weights_only=True)
+    assert set(saved["statistics"]) == {"blocks.0.attn.proj", "blocks.0.mlp.fc2", "blocks.1.attn.proj",
+                                        "blocks.1.mlp.fc2"}
+
+    with pytest.MonkeyPatch.context() as patch:
+        collected = counting(patch, search, "collect_statistics")
+        traced = counting(patch, search, "_trace")
+        assert main(capfd, run_dir, "ckpt_path=last").returncode == 0
+    assert collected == [] and len(traced) == 4  # the statistics read back; both blocks traced
     assert_bit_identical(weights(run_dir), uninterrupted)
+    assert "search.pt" not in oneshot_files(run_dir) and "search.statistics.pt" not in oneshot_files(run_dir)
+
+
+def test_a_stop_during_the_search_traces_stops_after_the_block_and_resumes_from_the_next(
+        capfd: pytest.CaptureFixture, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, search, "_trace", call=1)  # the first block's head trace
+        done = main(capfd, run_dir)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "stopped after block 1 of 2 of the search's removal traces; state saved in" in done.stdout + done.stderr
+    assert oneshot_files(run_dir) == ["fingerprint.json", "search.pt", "search.statistics.pt"]
+    assert len(torch.load(run_dir / "checkpoints" / "oneshot" / "search.pt", weights_only=True)["blocks"]) == 1
+
+    with pytest.MonkeyPatch.context() as patch:
+        collected = counting(patch, search, "collect_statistics")
+        traced = counting(patch, search, "_trace")
+        assert main(capfd, run_dir, "ckpt_path=last").returncode == 0
+    assert collected == [] and len(traced) == 2  # the second block's head and MLP traces only
+    assert_bit_identical(weights(run_dir), uninterrupted)
+
+
+def test_a_pruner_that_does_not_save_progress_stops_when_it_returns(capfd: pytest.CaptureFixture,
+                                                                     tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run = ["pruner=oneshot" if a == "pruner=obs_search" else a for a in RUN]  # NViT's saliency ranking
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, ranking_module, "calibrator", call=1)
+        capfd.readouterr()
+        assert run_main(run_dir, run=run) == 143
+    output = "".join(capfd.readouterr())
+    assert "SIGTERM: stopping after the search (pruner=hessian) finishes: it runs as one step" in output
+    assert "stopped after the search (pruner=hessian)" in output
+    assert oneshot_files(run_dir) == ["fingerprint.json", "pruned.pt"]
+    with pytest.MonkeyPatch.context() as patch:
+        scored = counting(patch, ranking_module, "calibrator")
+        assert run_main(run_dir, "ckpt_path=last", run=run) == 0
+    assert scored == []  # the pruner's models read back from pruned.pt
 
 
 @pytest.mark.parametrize("override", ["reconstruction.distillation.epochs=3", "pruner.target=0.6", "seed=1",

@@ -137,3 +137,42 @@ def test_head_widths_stay_on_a_tables_profiled_qk_v_widths() -> None:
     search = LatencySearch(group_sizes={"dim": 4}, head_dims=True)
     assert search._dim_widths(table, 16) == [16, 8]  # 12 and 4 lie between or outside profiled widths
     assert search._dim_widths(FlopsLatency(tokens=17, num_classes=10, patch_size=8), 16) == [16, 12, 8, 4]
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, tensors included, through the containers and dataclasses a search's traces hold."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(_same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    return a == b
+
+
+def test_traces_with_head_widths_stop_after_a_block_and_resume_to_the_same_traces(tmp_path) -> None:
+    """A stop after the first block's traces (V traces by heads dropped, logit fits and their costs
+    included) saves them; the resumed call traces only the rest and returns what an uninterrupted
+    call does."""
+    from nvit_lightning.pruning.interrupt import Checkpoint, StopRequested, request_stop, stop_on_signals
+
+    model, batches = _model(), _batches()
+    search = LatencySearch(head_dims=True, group_sizes={"mlp": 16, "dim": 4}, qk_images=4)
+    uninterrupted = search.traces(model, batches, progress=False)
+    checkpoint = Checkpoint(tmp_path / "search.pt")
+    for where in ("the search's layer statistics", "block 1 of 2 of the search's removal traces"):
+        with stop_on_signals(), pytest.raises(StopRequested) as stopped:
+            request_stop()
+            search.traces(model, batches, progress=False, checkpoint=checkpoint)
+        assert stopped.value.where == where
+    assert (tmp_path / "search.statistics.pt").is_file()
+    assert len(torch.load(tmp_path / "search.pt", weights_only=True)["blocks"]) == 1
+    with pytest.MonkeyPatch.context() as patch:
+        from nvit_lightning.pruning import search as search_module
+
+        patch.setattr(search_module, "collect_statistics", lambda *a, **k: pytest.fail("statistics collected again"))
+        resumed = search.traces(model, batches, progress=False, checkpoint=checkpoint)
+    assert set(resumed[0]) == {"head", "mlp", "v", "qk"}
+    assert _same(resumed, uninterrupted)

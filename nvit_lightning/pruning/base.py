@@ -8,7 +8,10 @@ Each `conf/pruner/*.yaml` names its class in `_target_`; the run builds it and c
 
 `output` says what the copies are and so how a run finishes them: "masked" copies (structures
 masked out) are refit and compacted; "sparse" copies (zeros inside dense layers) are saved as they
-are. `gradual` pruners can also prune while train.py fine-tunes (its stage 1).
+are. `gradual` pruners can also prune while train.py fine-tunes (its stage 1). A pruner that
+`saves_progress` writes its work so far to the `checkpoint` it is given, step by step, stops between
+steps when SIGINT / SIGTERM asked for it (`interrupt.py`), and goes on from what the checkpoint holds;
+the others run as one step and ignore it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..latency.models import LatencyModel
+from .interrupt import Checkpoint
 
 OUTPUTS = ("masked", "sparse")
 
@@ -34,6 +38,7 @@ class Pruner(ABC):
     name: str
     output: ClassVar[str] = "masked"
     gradual: ClassVar[bool] = False
+    saves_progress: ClassVar[bool] = False
     targets: list[float]
     target: float
 
@@ -57,9 +62,10 @@ class Pruner(ABC):
 
     @abstractmethod
     def __call__(self, model: nn.Module, latency_model: LatencyModel | None, batches: Sequence[Sequence[Tensor]],
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, nn.Module]:
+                 device: str | torch.device = "cpu", progress: bool = True, checkpoint: Checkpoint | None = None
+                 ) -> dict[float, nn.Module]:
         """A pruned copy of `model` per target from calibration `batches` of (images, labels);
-        `model` is left untouched."""
+        `model` is left untouched. `checkpoint`: see `saves_progress`."""
 
 
 def batches_for_samples(samples: int, batch_size: int) -> int:

@@ -6,19 +6,20 @@
             raise_if_stop_requested(f"block {i + 1} of {len(blocks)}")   # StopRequested (a SystemExit)
 
 A signal only raises a flag; the loop polls it between steps and raises `StopRequested` once the
-step it is in is done and saved. A step that cannot poll (the pruner's search) finishes first: its
-caller says so with `stop_after("the search finishes")`, shown when the signal arrives. A second
+step it is in is done and saved. A step that cannot poll (a pruner that runs as one step) finishes
+first: its caller says so with `stop_after("the search finishes")`, shown when the signal arrives. A second
 Ctrl-C aborts at once. Free of Lightning and Hydra: any loop of the pruning core can poll the flag.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,28 @@ class Checkpoint:
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of `module`'s state dict on the CPU, for a checkpoint."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def to_state(value: Any) -> Any:
+    """`value` as a checkpoint holds it (`weights_only=True` reads tensors and plain containers only):
+    dataclasses become tagged dicts, read back by `from_state`."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"dataclass": type(value).__name__,
+                "fields": {f.name: to_state(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, dict):
+        return {k: to_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_state(v) for v in value)
+    return value
+
+
+def from_state(value: Any, types: Iterable[type]) -> Any:
+    """The inverse of `to_state`, for the dataclasses `types`."""
+    by_name = {t.__name__: t for t in types}
+    if isinstance(value, dict) and set(value) == {"dataclass", "fields"}:
+        return by_name[value["dataclass"]](**{k: from_state(v, by_name.values()) for k, v in value["fields"].items()})
+    if isinstance(value, dict):
+        return {k: from_state(v, by_name.values()) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(from_state(v, by_name.values()) for v in value)
+    return value

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..latency.models import LatencyModel
 from ..models import PrunableViT
 from .base import Pruner
+from .interrupt import Checkpoint
 
 
 class NoPruning(Pruner):
@@ -33,5 +34,5 @@ class NoPruning(Pruner):
 
     def __call__(self, model: PrunableViT, latency_model: LatencyModel | None = None,
                  batches: Sequence[Sequence[Tensor]] = (), device: str | torch.device = "cpu",
-                 progress: bool = True) -> dict[float, PrunableViT]:
+                 progress: bool = True, checkpoint: Checkpoint | None = None) -> dict[float, PrunableViT]:
         return {1.0: model}

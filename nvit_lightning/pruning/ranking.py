@@ -23,6 +23,7 @@ from ..models import KINDS, PrunableViT
 from .base import Pruner
 from .criteria import CRITERIA, Criterion
 from .groups import Structure
+from .interrupt import Checkpoint
 from .pruner import GlobalPruner, PruningEvent, build_pruning, check_ranking_options, event_record, prune_to_targets
 
 log = logging.getLogger("nvit_lightning")
@@ -83,7 +84,8 @@ class GlobalRanking(Pruner):
         return self._history
 
     def __call__(self, model: PrunableViT, latency_model: LatencyModel, batches: Sequence[Sequence[Tensor]],
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, PrunableViT]:
+                 device: str | torch.device = "cpu", progress: bool = True, checkpoint: Checkpoint | None = None
+                 ) -> dict[float, PrunableViT]:
         model = copy.deepcopy(model)
         _, criterion, pruner = self.build(model, latency_model)
         pruned: dict[float, PrunableViT] = {}

@@ -26,12 +26,22 @@ from ..latency.models import LatencyModel
 from ..models import PrunableViT, ViTDims
 from .base import Pruner
 from .groups import Structure
+from .interrupt import Checkpoint, from_state, raise_if_stop_requested, to_state
 from .pruner import UnreachableTargetError
-from .structured_obs import ROW_WEIGHTS, LogitFit, RemovalTrace, collect_statistics, low_rank_logits, removal_trace
+from .structured_obs import (
+    ROW_WEIGHTS,
+    LayerStatistics,
+    LogitFit,
+    RemovalTrace,
+    collect_statistics,
+    low_rank_logits,
+    removal_trace,
+)
 
 log = logging.getLogger("nvit_lightning")
 
 SEARCH_KINDS = ("head", "mlp", "dim")  # dim: the q/k and v width per head, cut together (qk = v)
+SAVED_TYPES = (LayerStatistics, LogitFit, RemovalTrace)  # what a search checkpoint holds
 
 
 @dataclass
@@ -180,6 +190,7 @@ class LatencySearch(Pruner):
     """
 
     name = "obs_search"
+    saves_progress = True
 
     def __init__(self, target: float = 0.7, snapshots: Sequence[float] = (),
                  group_sizes: Mapping[str, int] | None = None, damping: float = 0.01,
@@ -216,16 +227,23 @@ class LatencySearch(Pruner):
 
     # ---- traces ----------------------------------------------------------------------------------------
     def traces(self, model: PrunableViT, batches: Sequence[Sequence[Tensor]], device: str | torch.device = "cpu",
-               progress: bool = True) -> list[dict[str, tuple[Tensor, RemovalTrace]]]:
-        """Per block: kind -> (live unit indices, their removal trace), from calibration `batches`."""
+               progress: bool = True, checkpoint: Checkpoint | None = None
+               ) -> list[dict[str, tuple[Tensor, RemovalTrace]]]:
+        """Per block: kind -> (live unit indices, their removal trace), from calibration `batches`.
+        With `checkpoint`, the statistics (`<checkpoint>.statistics.pt`) and every block's traces are
+        saved as they are done, a requested stop takes effect after them, and a saved state is gone on
+        from (the same traces as an uninterrupted call)."""
+        checkpoint = checkpoint or Checkpoint(None)
+        saved = checkpoint.load()
+        out = [] if saved is None else from_state(saved["blocks"], SAVED_TYPES)
+        if len(out) == len(model.blocks):
+            return out
         head_dims = self._head_dims(model)
-        stats = collect_statistics(copy.deepcopy(model), batches, device, gradients=self.row_weights == "fisher",
-                                   progress=progress, attention_inputs=head_dims,
-                                   keep_images=self.qk_images if head_dims else 0)
-        out = []
+        stats = self._statistics(model, batches, device, progress, head_dims, checkpoint.part("statistics"))
         # minutes for wide MLPs (ViT-B: 3072 neurons per block on 2 CPU cores): show the blocks done
-        for i, block in enumerate(tqdm(model.blocks, desc="removal traces", disable=not progress, leave=False)):
-            a, mlp = block.attn, block.mlp
+        for i in tqdm(range(len(out), len(model.blocks)), desc="removal traces", disable=not progress, leave=False,
+                      initial=len(out), total=len(model.blocks)):
+            a, mlp = model.blocks[i].attn, model.blocks[i].mlp
             heads = a.head_mask.nonzero().flatten()
             v_cols = a.v_mask.nonzero().flatten()
             head_units = [h * a.v_dim + v_cols for h in heads.tolist()]
@@ -240,7 +258,22 @@ class LatencySearch(Pruner):
             if head_dims and len(heads):
                 out[-1].update(self._dim_traces(a, heads, out[-1]["head"][1], stats[f"blocks.{i}.attn.proj"],
                                                 stats[f"blocks.{i}.attn.q"]))
+            checkpoint.save({"blocks": to_state(out)})
+            raise_if_stop_requested(f"block {i + 1} of {len(model.blocks)} of the search's removal traces")
         return out
+
+    def _statistics(self, model: PrunableViT, batches: Sequence[Sequence[Tensor]], device: str | torch.device,
+                    progress: bool, head_dims: bool, checkpoint: Checkpoint) -> dict[str, LayerStatistics]:
+        """The layer statistics of the calibration images: collected (one step) and saved, or as saved."""
+        saved = checkpoint.load()
+        if saved is not None:
+            return from_state(saved["statistics"], SAVED_TYPES)
+        stats = collect_statistics(copy.deepcopy(model), batches, device, gradients=self.row_weights == "fisher",
+                                   progress=progress, attention_inputs=head_dims,
+                                   keep_images=self.qk_images if head_dims else 0)
+        checkpoint.save({"statistics": to_state(stats)})
+        raise_if_stop_requested("the search's layer statistics")
+        return stats
 
     def _head_dims(self, model: PrunableViT) -> bool:
         """Whether head widths are searched: asked for, and possible (qk = v live widths everywhere, no
@@ -371,13 +404,14 @@ class LatencySearch(Pruner):
                 f"{'' if self.depth else ', pruner.depth=true'}, or a smaller pruner.group_sizes)")
 
     def __call__(self, model: PrunableViT, latency_model: LatencyModel, batches: Sequence[Sequence[Tensor]],
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, PrunableViT]:
+                 device: str | torch.device = "cpu", progress: bool = True, checkpoint: Checkpoint | None = None
+                 ) -> dict[float, PrunableViT]:
         """A pruned (masked, not refit) copy of `model` per target, from calibration `batches` of
-        (images, labels); `model` is left untouched."""
+        (images, labels); `model` is left untouched. `checkpoint`: see `traces`."""
         self.check(model, latency_model)  # before any statistics are collected
         dims = model.live_dims()
         dense_latency = latency_model.model_latency(dims)
-        traces = self.traces(model, batches, device, progress)
+        traces = self.traces(model, batches, device, progress, checkpoint)
         blocks = self.options(model, latency_model, traces)
         base = latency_model.base_latency(dims.emb)
         pruned = {}

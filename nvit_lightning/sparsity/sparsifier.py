@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..pruning.base import Pruner, batches_for_samples
+from ..pruning.interrupt import Checkpoint
 from .fisher import block_fisher, damped_inverse
 from .layers import Blocks, sparsifiable_layers
 from .obs import ORDERS, obs_order, obs_prune
@@ -79,7 +80,8 @@ class Sparsifier(Pruner):
 
     @abstractmethod
     def __call__(self, model: nn.Module, latency_model: Any = None, batches: Batches = (),
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, nn.Module]:
+                 device: str | torch.device = "cpu", progress: bool = True, checkpoint: Checkpoint | None = None
+                 ) -> dict[float, nn.Module]:
         """One sparse copy of `model` per level of `self.sparsities`."""
 
     @staticmethod
@@ -105,7 +107,8 @@ class MagnitudeSparsifier(Sparsifier):
         return 0  # no data
 
     def __call__(self, model: nn.Module, latency_model: Any = None, batches: Batches = (),
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, nn.Module]:
+                 device: str | torch.device = "cpu", progress: bool = True, checkpoint: Checkpoint | None = None
+                 ) -> dict[float, nn.Module]:
         layers = self.layers(model)
         weights = {name: layer.weight.detach() for name, layer in layers.items()}
         out: dict[float, dict[str, Tensor]] = {}
@@ -188,7 +191,8 @@ class OBSSparsifier(Sparsifier):
         return batches_for_samples(self.num_grads, batch_size)
 
     def __call__(self, model: nn.Module, latency_model: Any = None, batches: Batches = (),
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[float, nn.Module]:
+                 device: str | torch.device = "cpu", progress: bool = True, checkpoint: Checkpoint | None = None
+                 ) -> dict[float, nn.Module]:
         """`device` is the run's; the Fisher blocks go where `self.device` says (they can outgrow a GPU)."""
         model = model.to(self.device)
         layers = self.layers(model)
