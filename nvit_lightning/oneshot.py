@@ -42,6 +42,18 @@ def write_snapshot(compact: PrunableViT, directory: str | Path, target: float) -
     return path
 
 
+def sparse_path(directory: str | Path, level: float) -> Path:
+    """Where the sparse model of a sparsity level goes: `<directory>/sparsity_<s>`."""
+    return Path(directory) / f"sparsity_{level:.2f}"
+
+
+def write_sparse(model: PrunableViT, directory: str | Path, level: float) -> Path:
+    """The one writer of sparse models (prune.py's levels, the sweep's): `level`'s under `directory`."""
+    path = sparse_path(directory, level)
+    model.save_pretrained(path)
+    return path
+
+
 def structured_reconstruction(reconstruction: Any) -> Reconstruction | None:
     """The configured reconstruction, checked before any work to be one a masked model takes
     (`conf/reconstruction/sparse_refit.yaml` repairs sparse models only)."""

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..oneshot import sparse_path, write_sparse
 from ..pruning.block_distill import BlockDistillation
 from ..sparsity import Sparsifier
 from ..sparsity.distill import SparseReconstruction, distill_sparse
@@ -86,9 +87,10 @@ class SparsitySweep(L.Callback):
             return
         level = self.levels[self.level]
         if trainer.is_global_zero:
-            path = pl_module.student.save_pretrained(self.save_dir / f"sparsity_{level:.2f}")
-            log.info(f"sparsity {level:.2f} fine-tuned for {self.steps_per_level} steps -> {path}")
-        self.saved[level] = str(self.save_dir / f"sparsity_{level:.2f}")
+            write_sparse(pl_module.student, self.save_dir, level)
+            log.info(f"sparsity {level:.2f} fine-tuned for {self.steps_per_level} steps -> "
+                     f"{sparse_path(self.save_dir, level)}")
+        self.saved[level] = str(sparse_path(self.save_dir, level))
         if self.done:
             trainer.should_stop = True
         else:

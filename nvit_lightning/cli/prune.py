@@ -29,7 +29,7 @@ from nvit_lightning.errors import check_cli_args, cli_errors, hydra_exit_codes
 from nvit_lightning.export import onnx_mode
 from nvit_lightning.finish import finish_pruning, finish_sparsity
 from nvit_lightning.measure import calibration_data, describe_model, describe_sparse, val_accuracy
-from nvit_lightning.oneshot import prune_and_refit, recover, structured_reconstruction
+from nvit_lightning.oneshot import prune_and_refit, recover, structured_reconstruction, write_sparse
 from nvit_lightning.oneshot_state import check_before_hydra as check_oneshot_resume
 from nvit_lightning.oneshot_state import open_state
 from nvit_lightning.pruning import Pruner
@@ -109,7 +109,7 @@ def sparsify(cfg: DictConfig, pruner: Pruner) -> dict:
             extra["distillation"] = distill_sparse(distillation, sparse, dense,
                                                    datamodule.calib_dataloader(reconstruction.batches),
                                                    list(pruner.layers(sparse)), work_device(cfg))
-        path = sparse.save_pretrained(out_dir / "sparse" / f"sparsity_{level:.2f}")
+        path = write_sparse(sparse, out_dir / "sparse", level)
         levels.append({**describe_sparse(sparse, pruner, level, path, datamodule, cfg), **extra})
         if distillation is not None:  # runs take minutes per level: each level's result as it comes
             print(f"sparsity {level:.2f}: top-1 {extra['before_reconstruction'].get('top1')} ({pruner.name} "
