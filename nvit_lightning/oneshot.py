@@ -69,7 +69,9 @@ def prune_and_refit(pruner: Pruner, model: PrunableViT, reference: PrunableViT, 
                     snapshot_dir: str | Path | None = None, progress: bool = True, state: OneShotState | None = None
                     ) -> tuple[dict[float, PrunableViT], dict[float, str], list[dict]]:
     """Every target of a masked-output `pruner` from the first `calib_batches` calibration batches,
-    each refit by `reconstruction` against `reference` (the unpruned model) and compacted. A model
+    each refit by `reconstruction` against `reference` (the unpruned model; or the pruner's
+    `pruned_from`, where it cut its copies from a model in another basis of the same function, e.g.
+    the latency search with `emb`: the refit matches streams channel by channel) and compacted. A model
     that lost something is saved under `snapshot_dir` (when given). Returns the compact models and
     the snapshot paths, by target, and the pruner's history.
 
@@ -80,7 +82,9 @@ def prune_and_refit(pruner: Pruner, model: PrunableViT, reference: PrunableViT, 
     with stop_on_signals() if state.active else nullcontext():
         try:
             state.begin()
-            pruned, history = _prune(pruner, model, latency_model, batches[:calib_batches], device, progress, state)
+            pruned, history, pruned_from = _prune(pruner, model, latency_model, batches[:calib_batches], device,
+                                                  progress, state)
+            reference = reference if pruned_from is None else pruned_from
             compacts, snapshots = {}, {}
             for target, masked in pruned.items():
                 changed = masked.live_dims() != model.live_dims()
@@ -97,26 +101,30 @@ def prune_and_refit(pruner: Pruner, model: PrunableViT, reference: PrunableViT, 
 
 def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batches: Sequence[tuple[Tensor, Tensor]],
            device: str | torch.device, progress: bool, state: OneShotState
-           ) -> tuple[dict[float, PrunableViT], list[dict]]:
-    """The pruner's masked models by target and its history: computed (one step: a stop requested
-    meanwhile takes effect once it returns, its result saved), or as a saved state holds them."""
+           ) -> tuple[dict[float, PrunableViT], list[dict], PrunableViT | None]:
+    """The pruner's masked models by target, its history and its `pruned_from` (None: `model`):
+    computed (one step: a stop requested meanwhile takes effect once it returns, its result saved), or
+    as a saved state holds them."""
     checkpoint = state.pruned
     saved = checkpoint.load() if state.resume else None
     if saved is not None:
         set_rng_state(saved["rng"])  # as the pruner left them: later random draws are the same
-        return {float(t): _with_state(model, s) for t, s in saved["targets"].items()}, saved["history"]
+        pruned_from = saved.get("pruned_from")
+        return ({float(t): _with_state(model, s) for t, s in saved["targets"].items()}, saved["history"],
+                None if pruned_from is None else _with_state(model, pruned_from))
     progress_file = state.checkpoint("search")  # a pruner that saves_progress: its steps so far
     previous = stop_after(f"the current step of the search (pruner={pruner.name})" if pruner.saves_progress else
                           f"the search (pruner={pruner.name}) finishes: it runs as one step")
     pruned = pruner(model, latency_model, batches, device, progress, progress_file)
     stop_after(previous)
     history = list(pruner.history)
+    pruned_from = pruner.pruned_from
     checkpoint.save({"targets": {str(t): cpu_state(m) for t, m in pruned.items()}, "history": history,
-                     "rng": rng_state()})
-    for part in (progress_file.part("statistics"), progress_file):  # held in pruned.pt now
+                     "rng": rng_state(), "pruned_from": None if pruned_from is None else cpu_state(pruned_from)})
+    for part in (progress_file.part("statistics"), progress_file.part("basis"), progress_file):  # in pruned.pt now
         part.remove()
     raise_if_stop_requested(f"the search (pruner={pruner.name})")
-    return pruned, history
+    return pruned, history, pruned_from
 
 
 def _refit(reconstruction: Reconstruction, target: float, masked: PrunableViT, reference: PrunableViT,

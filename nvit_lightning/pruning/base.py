@@ -39,6 +39,9 @@ class Pruner(ABC):
     output: ClassVar[str] = "masked"
     gradual: ClassVar[bool] = False
     saves_progress: ClassVar[bool] = False
+    # after a call: the model the copies were cut from where it is not the one given (the same function
+    # in another basis, e.g. the latency search's rotated stream): the reference their refit must match
+    pruned_from: nn.Module | None = None
     targets: list[float]
     target: float
 

@@ -7,6 +7,11 @@ the two layers' trace costs (`structured_obs`) and the latency is the latency mo
 that block. A knapsack over the blocks picks one pair per block with the least total cost whose
 predicted latency meets the target; one set of traces serves every target, so a family of speed-ups
 comes from one pass over the calibration images. Which heads / neurons go is the traces' order.
+
+With `emb`, the residual stream's width too: the model is first put in the principal basis of its
+stream (`stream_basis.py`, the same function), the traces are taken there, and the knapsack runs once
+per candidate width with that width's latencies; the width's cost (the writers' energy in the channels
+it drops) is added, and the least total cost wins.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .base import Pruner
 from .groups import Structure
 from .interrupt import Checkpoint, from_state, raise_if_stop_requested, to_state
 from .pruner import UnreachableTargetError
+from .stream_basis import StreamBasis, check_rotatable, in_basis, measure_basis, narrow_stream
 from .structured_obs import (
     ROW_WEIGHTS,
     LayerStatistics,
@@ -40,20 +46,29 @@ from .structured_obs import (
 
 log = logging.getLogger("nvit_lightning")
 
-SEARCH_KINDS = ("head", "mlp", "dim")  # dim: the q/k and v width per head, cut together (qk = v)
-SAVED_TYPES = (LayerStatistics, LogitFit, RemovalTrace)  # what a search checkpoint holds
+# dim: the q/k and v width per head, cut together (qk = v); emb: the residual stream's width
+SEARCH_KINDS = ("head", "mlp", "dim", "emb")
+SAVED_TYPES = (LayerStatistics, LogitFit, RemovalTrace, StreamBasis)  # what a search checkpoint holds
 
 
 @dataclass
 class BlockOptions:
     """The widths one block may take: `removed[j] = (heads, neurons)` with estimated loss `cost[j]`
     and predicted block latency `latency[j]` (ms). `mixes[j]`: whether option j keeps an attention
-    (tokens exchange information there); None: every option does."""
+    (tokens exchange information there); None: every option does. `rows[j]`: the latency model's
+    (emb, heads, qk, v, mlp) row of option j, to price it at another stream width."""
 
     removed: list[tuple[int, int]]
     cost: Tensor  # (n,) float64
     latency: Tensor  # (n,) float64
     mixes: Tensor | None = None  # (n,) bool
+    rows: Tensor | None = None  # (n, 5) float64
+
+    def at_width(self, latency_model: LatencyModel, emb: int) -> BlockOptions:
+        """The same options with the stream `emb` wide (same costs, that width's latencies)."""
+        rows = self.rows.clone()
+        rows[:, 0] = emb
+        return BlockOptions(self.removed, self.cost, latency_model.block_latency(rows).double(), self.mixes, rows)
 
 
 def cheapest_under_budget(blocks: Sequence[BlockOptions], budget: float, bins: int = 4000) -> list[int]:
@@ -187,6 +202,13 @@ class LatencySearch(Pruner):
     (`low_rank_logits`, written into the pruned model's q and k). The q/k cost is measured: each kept
     head's output through `proj` with the fitted q/k against the original, on the first `qk_images`
     calibration images (the V trace's units), times `qk_cost`.
+    emb: the residual stream may be narrowed too, to multiples of `group_sizes.emb` (within the latency
+    table's emb grid): the model is put in the principal basis of its stream on the calibration images
+    (`stream_basis.py`, the same function; `pruned_from` holds it after a call, the dense reference
+    the pruned copies' refit must use) and keeps its leading channels. A width's cost is the energy
+    per image the writers (embedding, attention and MLP branches) put in the channels it drops, times
+    `emb_cost` (uniform over channels: with `row_weights=fisher` the traces are in other units and
+    `emb_cost` has to absorb the difference).
     """
 
     name = "obs_search"
@@ -196,12 +218,12 @@ class LatencySearch(Pruner):
                  group_sizes: Mapping[str, int] | None = None, damping: float = 0.01,
                  row_weights: str = "fisher", bins: int = 4000, depth: bool = False,
                  depth_cost: float = 1.0, head_dims: bool = False, qk_cost: float = 1.0,
-                 qk_images: int = 16) -> None:
+                 qk_images: int = 16, emb: bool = False, emb_cost: float = 1.0) -> None:
         self.targets = sorted({float(t) for t in (target, *snapshots)}, reverse=True)
         if any(not 0.0 < t < 1.0 for t in self.targets):
             raise ValueError(f"latency targets must lie strictly between 0 and 1, got {self.targets}")
         self.target = float(target)
-        sizes = {"head": 1, "mlp": 16, "dim": 8, **(group_sizes or {})}
+        sizes = {"head": 1, "mlp": 16, "dim": 8, "emb": 32, **(group_sizes or {})}
         unknown = set(sizes) - set(SEARCH_KINDS)
         if unknown:
             raise ValueError(f"the latency search prunes {SEARCH_KINDS} only; unknown group sizes {sorted(unknown)}")
@@ -224,6 +246,10 @@ class LatencySearch(Pruner):
         if qk_images < 1:
             raise ValueError(f"qk_images must be >= 1, got {qk_images}")
         self.qk_images = int(qk_images)
+        if not emb_cost >= 0:
+            raise ValueError(f"emb_cost must be >= 0, got {emb_cost}")
+        self.emb, self.emb_cost = bool(emb), float(emb_cost)
+        self.pruned_from: PrunableViT | None = None  # with emb: the rotated dense model of the last call
 
     # ---- traces ----------------------------------------------------------------------------------------
     def traces(self, model: PrunableViT, batches: Sequence[Sequence[Tensor]], device: str | torch.device = "cpu",
@@ -329,8 +355,58 @@ class LatencySearch(Pruner):
             cost = torch.tensor([self._head_cost(trace, h, d, n_heads) + self._cost(trace, "mlp", m, n_mlp)
                                  for h, m, d in removed], dtype=torch.float64)
             mixes = torch.tensor([h < n_heads for h, _, _ in removed], dtype=torch.bool)
-            blocks.append(BlockOptions(removed, cost, latency_model.block_latency(rows).double(), mixes))
+            blocks.append(BlockOptions(removed, cost, latency_model.block_latency(rows).double(), mixes, rows))
         return blocks
+
+    # ---- the stream's width ----------------------------------------------------------------------------
+    def _emb_widths(self, model: PrunableViT, latency_model: LatencyModel, warn: bool = True) -> list[int]:
+        """Stream widths the search may keep: the full one; with `emb`, also whole groups (at least 2
+        channels, within the latency table's emb grid), where the model's stream can be rotated."""
+        full = model.live_dims().emb
+        if not self.emb:
+            return [full]
+        try:
+            check_rotatable(model)
+        except ValueError as err:
+            if warn:
+                log.warning(f"the stream width is not searched: {err}")
+            return [full]
+        grids = [getattr(latency_model, "grid", {}).get("emb"), getattr(latency_model, "base_emb", None)]
+        lowest = max([2.0] + [float(g[0]) for g in grids if g is not None])
+        return [w for w in _kept_widths(full, self.group_sizes["emb"]) if w >= lowest]
+
+    def _basis(self, model: PrunableViT, batches: Sequence[Sequence[Tensor]], device: str | torch.device,
+               checkpoint: Checkpoint) -> StreamBasis:
+        """The principal basis of the stream on the calibration images: measured and saved, or as saved."""
+        saved = checkpoint.load()
+        if saved is not None:
+            return from_state(saved["basis"], SAVED_TYPES)
+        basis = measure_basis(model, [b[0] for b in batches], device)
+        checkpoint.save({"basis": to_state(basis)})
+        raise_if_stop_requested("the search's stream basis")
+        return basis
+
+    def _emb_costs(self, basis: StreamBasis, widths: Sequence[int]) -> dict[int, float]:
+        """Per stream width: `emb_cost` x the writers' energy per image in the channels it drops."""
+        return {w: self.emb_cost * float(basis.energy[w:].sum()) for w in widths}
+
+    def _cheapest(self, blocks: Mapping[int, Sequence[BlockOptions]], latency_model: LatencyModel, budget: float,
+                  emb_costs: Mapping[int, float]) -> tuple[int, list[int]]:
+        """The stream width and per-block options of least total cost within `budget` (ms, the whole
+        model's): one knapsack per width, on that width's block latencies and the rest of its budget."""
+        best, error = None, None
+        for width, options in blocks.items():
+            try:
+                picks = cheapest_under_budget(options, budget - latency_model.base_latency(width), self.bins)
+            except UnreachableTargetError as err:
+                error = error or err  # the widest's: what a target out of reach at every width says
+                continue
+            cost = emb_costs[width] + sum(float(b.cost[j]) for b, j in zip(options, picks))
+            if best is None or cost < best[0]:
+                best = (cost, width, picks)
+        if best is None:
+            raise error
+        return best[1], best[2]
 
     @torch.no_grad()
     def _narrow(self, a, i: int, trace: Mapping, dropped: int, narrowed: int) -> list:
@@ -387,18 +463,20 @@ class LatencySearch(Pruner):
         dims = model.live_dims()
         if not any(dims.heads):
             raise ValueError("the model has no attention left: its logits do not depend on the image")
+        emb = min(self._emb_widths(model, latency_model, warn=False))
         least = 0 if self.depth else 1  # groups of units a head / MLP layer keeps at least
         heads = [min(h, least * self.group_sizes["head"]) for h in dims.heads]
         mlp = [min(m, least * self.group_sizes["mlp"]) for m in dims.mlp]
         # with depth, one block keeps one group of heads (a path from the patches to the class token)
-        options = [ViTDims(dims.emb, [min(h, self.group_sizes["head"]) if j == i else heads[j]
-                                      for j, h in enumerate(dims.heads)], dims.qk, dims.v, mlp)
-                   for i in range(dims.depth) if dims.heads[i]] if self.depth else [ViTDims(dims.emb, heads, dims.qk,
+        options = [ViTDims(emb, [min(h, self.group_sizes["head"]) if j == i else heads[j]
+                                 for j, h in enumerate(dims.heads)], dims.qk, dims.v, mlp)
+                   for i in range(dims.depth) if dims.heads[i]] if self.depth else [ViTDims(emb, heads, dims.qk,
                                                                                              dims.v, mlp)]
         floor = min(latency_model.model_latency(d) for d in options) / latency_model.model_latency(dims)
         if min(self.targets) < floor:
             raise UnreachableTargetError(
-                f"latency target {min(self.targets)} is unreachable: removing heads and MLP neurons alone "
+                f"latency target {min(self.targets)} is unreachable: removing heads and MLP neurons "
+                f"{f'and narrowing the stream to {emb}' if emb < dims.emb else 'alone'} "
                 f"(group sizes {self.group_sizes}{', whole sub-layers' if self.depth else ''}) leaves at least "
                 f"{floor:.3f} of the dense latency (pruner.target >= {floor:.3f}"
                 f"{'' if self.depth else ', pruner.depth=true'}, or a smaller pruner.group_sizes)")
@@ -411,12 +489,19 @@ class LatencySearch(Pruner):
         self.check(model, latency_model)  # before any statistics are collected
         dims = model.live_dims()
         dense_latency = latency_model.model_latency(dims)
+        widths = self._emb_widths(model, latency_model)
+        self.pruned_from, emb_costs = None, {dims.emb: 0.0}
+        if len(widths) > 1:  # the stream's principal basis: traces, costs and pruned copies all in it
+            basis = self._basis(model, batches, device, (checkpoint or Checkpoint(None)).part("basis"))
+            model = self.pruned_from = in_basis(model, basis)
+            emb_costs = self._emb_costs(basis, widths)
         traces = self.traces(model, batches, device, progress, checkpoint)
-        blocks = self.options(model, latency_model, traces)
-        base = latency_model.base_latency(dims.emb)
+        options = self.options(model, latency_model, traces)
+        by_width = {w: options if w == dims.emb else [b.at_width(latency_model, w) for b in options] for w in widths}
         pruned = {}
         for target in self.targets:
-            picks = cheapest_under_budget(blocks, target * dense_latency - base, self.bins)
+            emb, picks = self._cheapest(by_width, latency_model, target * dense_latency, emb_costs)
+            blocks = by_width[emb]
             pruned_model = copy.deepcopy(model)
             groups = []
             for i, (block, j) in enumerate(zip(blocks, picks)):
@@ -428,9 +513,12 @@ class LatencySearch(Pruner):
                 if narrowed:
                     groups += self._narrow(pruned_model.blocks[i].attn, i, traces[i], dropped, narrowed)
             prune_units(Structure(pruned_model, {"head": 1, "mlp": 1}), groups)
+            if emb < dims.emb:
+                narrow_stream(pruned_model, emb)
             pruned[target] = pruned_model
             kept = pruned_model.live_dims()
             log.info(f"target {target}: {latency_model.model_latency(kept) / dense_latency:.3f} of the dense "
                      f"predicted latency; heads {list(kept.heads)}, mlp {list(kept.mlp)}"
-                     + (f", qk = v {list(kept.qk)}" if kept.qk != dims.qk else ""))
+                     + (f", qk = v {list(kept.qk)}" if kept.qk != dims.qk else "")
+                     + (f", emb {kept.emb}" if kept.emb != dims.emb else ""))
         return pruned
