@@ -58,7 +58,7 @@ def structured_reconstruction(reconstruction: Any) -> Reconstruction | None:
     """The configured reconstruction, checked before any work to be one a masked model takes
     (`conf/reconstruction/sparse_refit.yaml` repairs sparse models only)."""
     if reconstruction is not None and not isinstance(reconstruction, Reconstruction):
-        raise ValueError("reconstruction=sparse_refit is the refit of sparse models (pruner=ovit | woodfisher | "
+        raise ValueError("reconstruction=sparse_refit | sparse_logits repair sparse models (pruner=ovit | woodfisher | "
                          "global_magnitude); structured pruning: reconstruction=least_squares or block_distill")
     return reconstruction
 

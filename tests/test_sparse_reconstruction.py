@@ -17,6 +17,7 @@ from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
 from nvit_lightning.sparsity.distill import SparseReconstruction, distill_sparse
+from nvit_lightning.sparsity.logit_distill import LogitDistillation
 from nvit_lightning.sparsity.refit import masked_lstsq, masked_refit
 
 from .conftest import block_outputs, tiny_vit
@@ -122,10 +123,13 @@ def test_weight_masks_mark_the_nonzero_weights() -> None:
 
 
 @pytest.mark.slow  # a sweep stopped and resumed: ~15 s of CPU time, 50 s on a busy 2-core machine
-def test_sweep_with_distillation_keeps_exact_zeros_through_a_resume(tmp_path, monkeypatch) -> None:
-    """`+experiment=ovit_sweep reconstruction=block_distill`: every level is
-    block-distilled, then fine-tuned; stopped after the first level and resumed, every saved model
-    and the checkpoint hold exactly the requested zeros, nested from level to level."""
+@pytest.mark.parametrize("reconstruction", ["block_distill", "sparse_logits"])
+def test_sweep_with_distillation_keeps_exact_zeros_through_a_resume(tmp_path, monkeypatch,
+                                                                    reconstruction: str) -> None:
+    """`+experiment=ovit_sweep reconstruction=block_distill` (or `sparse_logits`): every level is
+    block-distilled, logit-distilled, then fine-tuned; stopped after the first level and resumed,
+    every saved model and the checkpoint hold exactly the requested zeros, nested from level to
+    level."""
     from nvit_lightning.callbacks import sparsity as sweep_module
     from nvit_lightning.cli import train
 
@@ -134,12 +138,14 @@ def test_sweep_with_distillation_keeps_exact_zeros_through_a_resume(tmp_path, mo
     calls = []
 
     def counting(*args, **kwargs):
-        calls.append(args[1])
+        calls.append(args[0])
         return distill_sparse(*args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "distill_sparse", counting)
-    overrides = [*QUIET_CALLBACKS, *SWEEP, "reconstruction=block_distill",
+    overrides = [*QUIET_CALLBACKS, *SWEEP, f"reconstruction={reconstruction}",
                  "reconstruction.batches=2", "reconstruction.distillation.epochs=2"]
+    if reconstruction == "sparse_logits":
+        overrides.append("reconstruction.logits.epochs=2")
     with pytest.raises(ValueError, match=r"the sweep stopped after \[0.3\]"):
         cfg = compose_cfg("train", overrides, tmp_path)
         train.sparsity_sweep(cfg, build(cfg.pruner), max_steps=3)
@@ -150,6 +156,7 @@ def test_sweep_with_distillation_keeps_exact_zeros_through_a_resume(tmp_path, mo
     cfg = compose_cfg("train", [*overrides, "ckpt_path=last"], tmp_path)
     report = train.sparsity_sweep(cfg, build(cfg.pruner))
     assert len(calls) == 2  # one distillation per level, none redone by the resume
+    assert all(plan.logits is not None for plan in calls)  # block_distill: with its logit step too
     for entry in report["sparse"]:
         assert abs(entry["achieved"] - entry["sparsity"]) < 1e-3
     first, second = (_zeros(e["dir"]) for e in report["sparse"])
@@ -178,7 +185,8 @@ def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
     for e in (entry, refit_entry):
         assert e["before_reconstruction"] == {k: alone[k] for k in ("top1", "top5")}  # the same oViT model
     assert all(after <= before for before, after in entry["distillation"]["block_errors"])
-    assert "refit_errors" not in entry["distillation"]  # block_distill: the distillation alone
+    assert "refit_errors" not in entry["distillation"]  # block_distill: no refit; the distillation, then
+    assert entry["distillation"]["logit_kl"][1] <= entry["distillation"]["logit_kl"][0]  # the logit step
     errors = refit_entry["distillation"]["refit_errors"]  # proj, fc1, fc2 of both blocks
     assert sorted(errors) == sorted(f"blocks.{i}.{n}" for i in range(2) for n in ("attn.proj", "mlp.fc1", "mlp.fc2"))
     assert all(after <= before for before, after in errors.values())
@@ -196,7 +204,8 @@ def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
 
 def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
     """sparse_refit: the masked refit of proj / fc1 / fc2 alone; block_distill: the distillation
-    alone (16 passes); least_squares and none: nothing."""
+    (16 passes), then the logit step; sparse_logits: the same with its own settings (4 passes);
+    least_squares and none: nothing."""
     from hydra import compose, initialize_config_dir
 
     from nvit_lightning.app import config_dir
@@ -204,17 +213,21 @@ def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
 
     plans = {}
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        for name in ("least_squares", "block_distill", "sparse_refit", "none"):
+        for name in ("least_squares", "block_distill", "sparse_refit", "sparse_logits", "none"):
             cfg = compose("prune", overrides=["pruner=ovit", f"reconstruction={name}"])
             plans[name] = sparse_distillation(build(cfg.reconstruction) if cfg.reconstruction else None)
     assert plans["none"] is None and plans["least_squares"] is None
     assert plans["block_distill"].layers == () and plans["block_distill"].distillation.epochs == 16
+    assert plans["block_distill"].logits == LogitDistillation()  # then the logit step, as measured
     assert plans["sparse_refit"] == SparseReconstruction(("proj", "fc1", "fc2"), "reference", 0.01, 16, None)
+    logits = plans["sparse_logits"]  # block distillation as measured (4 passes), then the logit step
+    assert logits.layers == () and logits.distillation.epochs == 4
+    assert logits.logits == LogitDistillation(epochs=2, lr=1e-3, trainable="affine")
     with pytest.raises(ValueError, match=r"reconstruction\.layers: unknown"):
         SparseReconstruction(layers=("qkv", "mlp"))
     from nvit_lightning.oneshot import structured_reconstruction
 
-    with pytest.raises(ValueError, match="is the refit of sparse models"):  # structured runs refuse it up front
+    with pytest.raises(ValueError, match="repair sparse models"):  # structured runs refuse it up front
         structured_reconstruction(plans["sparse_refit"])
 
 
@@ -301,3 +314,113 @@ def test_sparse_reconstruction_refits_then_distils_with_exact_zeros() -> None:
         assert (s - r).square().sum() < 0.9 * (o - r).square().sum()
     for name, mask in masks.items():
         assert torch.equal(dict(sparse.named_parameters())[name] != 0, mask.bool()), name
+
+
+# ---- the end-to-end logit distillation (sparsity/logit_distill.py) -------------------------------------
+def _confident() -> PrunableViT:
+    """`_dense()` with its logits scaled up: a random model's are all near zero, so its KL is ~1e-4."""
+    dense = _dense()
+    with torch.no_grad():
+        dense.head.weight.mul_(30)
+        dense.head.bias.mul_(30)
+    return dense
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_logit_distillation_holds_every_zero_at_every_step(pattern: str) -> None:
+    """Every step of the KL fine-tune of the whole model: each pruned weight and both Adam moments
+    exactly zero; at the end the same zeros (and 2:4), the kept weights trained."""
+    dense = _confident()
+    sparse = _sparse(dense, pattern)
+    names = list(sparsifiable_layers(sparse))
+    masks = weight_masks(sparse, names)
+    before = copy.deepcopy(sparse.state_dict())
+    with _check_every_step(sparse, masks) as steps:
+        step = LogitDistillation(epochs=8, lr=1e-4, batch_size=24, trainable="all")
+        kl = step(sparse, dense, [x for x, _ in _batches()], progress=False, masks=masks)
+    assert steps[0] == 8 * 3  # 64 images in batches of 24, eight passes
+    assert kl[1] < kl[0]
+    modules = dict(sparse.named_modules())
+    for name in names:
+        weight, old = modules[name].weight, before[f"{name}.weight"]
+        assert torch.equal(weight == 0, old == 0), name
+        assert not torch.equal(weight, old), name
+        if pattern == "2:4":
+            assert is_n_m_sparse(weight, 2, 4), name
+
+
+def test_logit_distillation_lowers_the_kl_left_by_block_distillation() -> None:
+    """Block distillation, then the logit step (every step of both checked): the KL to the dense
+    logits ends below what block distillation alone left, on the calibration images and on others,
+    with the zeros exact."""
+    dense = _confident()
+    sparse = _sparse(dense, "unstructured")
+    names = list(sparsifiable_layers(sparse))
+    masks = weight_masks(sparse, names)
+    plan = SparseReconstruction(layers=(), distillation=BlockDistillation(epochs=4, lr=1e-3, batch_size=16),
+                                logits=LogitDistillation(epochs=8, lr=1e-4, batch_size=16, trainable="all"))
+    batches, unseen = _batches(4), torch.cat([x for x, _ in _batches(2, seed=11)])
+    block_only = copy.deepcopy(sparse)
+    distill_sparse(plan.distillation, block_only, dense, batches, names, progress=False)
+    with _check_every_step(sparse, masks) as steps:
+        report = distill_sparse(plan, sparse, dense, batches, names, progress=False)
+    assert steps[0] == 2 * 4 * 4 + 8 * 4
+    assert report["logit_kl"][1] < 0.9 * report["logit_kl"][0]
+    step = plan.logits
+    with torch.no_grad():
+        images = torch.cat([x for x, _ in batches])
+        assert abs(float(step._divergence(block_only(images), dense(images))) - report["logit_kl"][0]) < 1e-5
+        assert step._divergence(sparse(unseen), dense(unseen)) < step._divergence(block_only(unseen), dense(unseen))
+    for name, mask in masks.items():
+        assert torch.equal(dict(sparse.named_parameters())[name] != 0, mask.bool()), name
+
+
+def test_logit_distillation_refuses_bad_settings() -> None:
+    for bad in ({"epochs": 0}, {"lr": 0.0}, {"temperature": -1.0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="logit distillation"):
+            LogitDistillation(**bad)
+    with pytest.raises(ValueError, match="at least one"):
+        LogitDistillation()(_dense(), _dense(), [])
+
+
+@pytest.mark.parametrize("options", [{"trainable": "affine", "lr": 1e-5}, {"trainable": "all", "lr": 1e-4}])
+def test_logit_distillation_variants_hold_the_zeros(options: dict) -> None:
+    """`trainable=affine` trains biases and norms only (every weight matrix bit for bit as it was);
+    `trainable=all` keeps every zero through every step too."""
+    dense = _confident()
+    sparse = _sparse(dense, "unstructured")
+    names = list(sparsifiable_layers(sparse))
+    masks = weight_masks(sparse, names)
+    before = copy.deepcopy(sparse.state_dict())
+    with _check_every_step(sparse, masks) as steps:
+        LogitDistillation(epochs=2, batch_size=16, **options)(sparse, dense, [x for x, _ in _batches()],
+                                                              progress=False, masks=masks)
+    assert steps[0] == 2 * 4
+    after = sparse.state_dict()
+    assert all(p.requires_grad for p in sparse.parameters())  # what was frozen for the step is trainable again
+    for name, mask in masks.items():
+        assert torch.equal(after[name] != 0, mask.bool()), name
+        if options.get("trainable") == "affine":
+            assert torch.equal(after[name], before[name]), name
+    if options.get("trainable") == "affine":
+        assert any(not torch.equal(after[k], before[k]) for k in after if after[k].dim() == 1)
+
+
+def test_prune_py_reports_the_logit_step(tmp_path) -> None:
+    """`prune.py pruner=ovit reconstruction=sparse_logits`: block distillation, then the logit step;
+    the report holds both, and the zeros are oViT's."""
+    from nvit_lightning.cli import prune
+
+    from .test_app import SPARSE_SMALL, compose_cfg
+
+    ovit = [*SPARSE_SMALL, "pruner=ovit", "pruner.sparsities=[0.5]", "pruner.num_grads=16", "pruner.block_size=16",
+            "data.batch_size=8"]
+    report = prune.run(compose_cfg("prune", [*ovit, "reconstruction=sparse_logits", "reconstruction.batches=2",
+                                             "reconstruction.distillation.epochs=2", "reconstruction.logits.epochs=2",
+                                             "reconstruction.logits.trainable=all", "reconstruction.logits.lr=1e-4"],
+                                   tmp_path))
+    (entry,) = report["sparse"]
+    assert abs(entry["achieved"] - 0.5) < 1e-3 and len(entry["distillation"]["block_errors"]) == 2
+    before, after = entry["distillation"]["logit_kl"]
+    assert after <= before
+    assert report["reconstruction"]["logits"]["epochs"] == 2
