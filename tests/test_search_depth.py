@@ -11,7 +11,7 @@ from nvit_lightning.latency.models import LookupTableLatency
 from nvit_lightning.models import PrunableViT, ViTDims
 from nvit_lightning.pruning import Structure, UnreachableTargetError
 from nvit_lightning.pruning.reconstruct import reconstruct
-from nvit_lightning.pruning.search import BlockOptions, LatencySearch, cheapest_under_budget, prune_units
+from nvit_lightning.pruning.search import BlockOptions, LatencySearch, cheapest_under_budget
 from nvit_lightning.pruning.structured_obs import LayerStatistics, removal_trace
 
 from .conftest import tiny_vit
@@ -24,7 +24,7 @@ def _batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor
 
 def _remove(model: PrunableViT, block: int, kind: str) -> None:
     layer = Structure(model, {"head": 1, "mlp": 1}).layers[(kind, block)]
-    prune_units(Structure(model, {"head": 1, "mlp": 1}), [((kind, block), layer.live())])
+    Structure(model, {"head": 1, "mlp": 1}).prune([((kind, block), layer.live())], removable=("head", "mlp"))
 
 
 def test_a_removed_sub_layer_adds_its_bias_only_and_compacts_exactly() -> None:

@@ -114,9 +114,8 @@ def test_a_narrowed_head_keeps_its_logits_where_they_have_low_rank() -> None:
     pruned = _model(seed=3)
     pruned.load_state_dict(model.state_dict())
     from nvit_lightning.pruning import Structure
-    from nvit_lightning.pruning.search import prune_units
 
-    prune_units(Structure(pruned, {"head": 1, "mlp": 1}), search._narrow(pruned.blocks[0].attn, 0, traces[0], 0, 12))
+    Structure(pruned, {"head": 1, "mlp": 1}).prune(search._narrow(pruned.blocks[0].attn, 0, traces[0], 0, 12))
     h = torch.randn(2, 17, 48)
     with torch.no_grad():
         def logits(att):

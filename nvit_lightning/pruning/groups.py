@@ -7,7 +7,7 @@ owns; saliency (`unit_sums`) and pruning (`prune`) are both computed from it, fo
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,14 +98,17 @@ class Structure:
         return {key: sums[key] for key in self.layers if key in sums}
 
     @torch.no_grad()
-    def prune(self, groups: Sequence[tuple[LayerKey, Tensor]]) -> None:
-        """Mask the units of each (layer, unit indices) pair and zero their parameter slices."""
+    def prune(self, groups: Sequence[tuple[LayerKey, Tensor]], removable: Collection[str] = ()) -> None:
+        """Mask the units of each (layer, unit indices) pair and zero their parameter slices. Every
+        layer keeps a unit, except those of the `removable` kinds (depth pruning: a head or MLP layer
+        may lose them all, the sub-layer removed; its writer's bias stays, so the residual path is
+        intact)."""
         by_layer: dict[LayerKey, list[Tensor]] = defaultdict(list)
         for key, units in groups:  # one pass per parameter per layer, however many of its groups go
             by_layer[key].append(units.flatten())
         for key, chunks in by_layer.items():
             layer, units = self.layers[key], torch.cat(chunks)
-            if int(layer.mask.count_nonzero()) - int(layer.mask[units].count_nonzero()) < 1:
+            if key[0] not in removable and int(layer.mask.count_nonzero()) - int(layer.mask[units].count_nonzero()) < 1:
                 raise ValueError(f"pruning would remove every unit of {_describe(key)}")
             layer.mask[units] = 0
             for spec in layer.params:  # only the pruned slices are touched

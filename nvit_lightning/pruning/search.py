@@ -164,23 +164,6 @@ def _logit_fit_costs(a, h: int, qk_live: Tensor, v_live: Tensor, fit: LogitFit, 
     return costs
 
 
-@torch.no_grad()
-def prune_units(structure: Structure, groups: Sequence[tuple[tuple[str, int], Tensor]]) -> None:
-    """`Structure.prune`, but a head or MLP layer may lose every unit (depth pruning: the sub-layer is
-    removed; its writer's bias stays, so the residual path, and with it a path from the input to the
-    classifier, is intact). EMB, QK and V layers still keep at least one unit."""
-    for key, units in groups:
-        layer = structure.layers[key]
-        if key[0] not in ("head", "mlp") and int(layer.mask.count_nonzero()) - int(
-                layer.mask[units].count_nonzero()) < 1:
-            raise ValueError(f"pruning would remove every unit of {key}")
-        layer.mask[units] = 0
-        for spec in layer.params:
-            viewed = structure.model.get_parameter(spec.name).data.view(spec.view)
-            axis = spec.axes[key] % viewed.dim()
-            viewed[(slice(None),) * axis + (units.to(viewed.device),)] = 0
-
-
 class LatencySearch(Pruner):
     """Prune a masked PrunableViT to latency targets in one shot: structured-OBS traces of heads and
     MLP neurons on calibration images, then the per-block widths of least estimated loss within each
@@ -512,7 +495,7 @@ class LatencySearch(Pruner):
                         groups.append(((kind, i), units[trace.order[:count]]))
                 if narrowed:
                     groups += self._narrow(pruned_model.blocks[i].attn, i, traces[i], dropped, narrowed)
-            prune_units(Structure(pruned_model, {"head": 1, "mlp": 1}), groups)
+            Structure(pruned_model, {"head": 1, "mlp": 1}).prune(groups, removable=("head", "mlp"))
             if emb < dims.emb:
                 narrow_stream(pruned_model, emb)
             pruned[target] = pruned_model
