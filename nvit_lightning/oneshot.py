@@ -103,8 +103,8 @@ def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batc
            device: str | torch.device, progress: bool, state: OneShotState
            ) -> tuple[dict[float, PrunableViT], list[dict], PrunableViT | None]:
     """The pruner's masked models by target, its history and its `pruned_from` (None: `model`):
-    computed (one step: a stop requested meanwhile takes effect once it returns, its result saved), or
-    as a saved state holds them."""
+    computed (a stop requested meanwhile takes effect after the pruner's current step when it
+    `saves_progress`, else once it returns; its result saved), or as a saved state holds them."""
     checkpoint = state.pruned
     saved = checkpoint.load() if state.resume else None
     if saved is not None:
@@ -121,8 +121,8 @@ def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batc
     pruned_from = pruner.pruned_from
     checkpoint.save({"targets": {str(t): cpu_state(m) for t, m in pruned.items()}, "history": history,
                      "rng": rng_state(), "pruned_from": None if pruned_from is None else cpu_state(pruned_from)})
-    for part in (progress_file.part("statistics"), progress_file.part("basis"), progress_file):  # in pruned.pt now
-        part.remove()
+    progress_file.remove_parts()  # all of it is in pruned.pt now
+    progress_file.remove()
     raise_if_stop_requested(f"the search (pruner={pruner.name})")
     return pruned, history, pruned_from
 
@@ -145,8 +145,7 @@ def _refit(reconstruction: Reconstruction, target: float, masked: PrunableViT, r
         raise
     stop_after(previous)
     checkpoint.save({"model": cpu_state(masked)})
-    for part in ("least_squares", "distillation"):  # its progress: no longer needed
-        checkpoint.part(part).remove()
+    checkpoint.remove_parts()  # its progress: no longer needed
 
 
 def _with_state(model: PrunableViT, state: dict[str, Tensor]) -> PrunableViT:

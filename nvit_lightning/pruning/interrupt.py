@@ -125,6 +125,13 @@ class Checkpoint:
         if self.active:
             self.path.unlink(missing_ok=True)
 
+    def remove_parts(self) -> None:
+        """Remove every `part` beside this file (whatever its step named them), e.g. once the whole
+        work is saved here."""
+        if self.active:
+            for path in self.path.parent.glob(f"{self.path.stem}.*.pt"):
+                path.unlink(missing_ok=True)
+
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of `module`'s state dict on the CPU, for a checkpoint."""
