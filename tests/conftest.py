@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from nvit_lightning.models import PrunableViT, ViTDims
+from nvit_lightning.models import FAMILIES, PrunableViT, ViTDims
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -62,3 +63,18 @@ def block_outputs(model: PrunableViT, images: list[torch.Tensor]) -> list[torch.
                 x = block(x, model.emb_mask_or_none)
                 outs[i].append(x)
     return [torch.cat(o) for o in outs]
+
+
+def family_timm_model(family: str, **kwargs: object) -> nn.Module:
+    """The family's small timm model with every parameter randomised: LayerScale gains, tokens and
+    norms away from their init (gains of 1e-5 would hide almost every block)."""
+    torch.manual_seed(0)
+    # a classifier even for backbones (DINOv2 has none): a masked backbone's features keep pruned zeros
+    model = FAMILIES[family].create_timm(**{"num_classes": 1000, **kwargs}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model

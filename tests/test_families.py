@@ -23,24 +23,9 @@ from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.pruning.reconstruct import Reconstruction, reconstruct
 from nvit_lightning.pruning.search import LatencySearch
 
-from .conftest import assert_pruned_slices_zero
+from .conftest import assert_pruned_slices_zero, family_timm_model
 
 FAMILY_NAMES = list(FAMILIES)
-
-
-def _timm_model(family: str, **kwargs: object) -> nn.Module:
-    """The family's small timm model with every parameter randomised: LayerScale gains, tokens and
-    norms away from their init (gains of 1e-5 would hide almost every block)."""
-    torch.manual_seed(0)
-    # a classifier even for backbones (DINOv2 has none): a masked backbone's features keep pruned zeros
-    model = FAMILIES[family].create_timm(**{"num_classes": 1000, **kwargs}).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def _data_config(model: nn.Module) -> dict:
@@ -67,7 +52,7 @@ def _mask_every_kind(model: PrunableViT, kinds: tuple[str, ...], seed: int = 0, 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_import_equals_timm(family: str) -> None:
-    reference = _timm_model(family)
+    reference = family_timm_model(family)
     ours = from_timm(reference).eval()
     x = _images()
     with torch.no_grad():
@@ -80,7 +65,7 @@ def test_import_equals_timm(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_compaction_is_exact_for_every_allowed_kind(family: str) -> None:
-    model = from_timm(_timm_model(family)).eval()
+    model = from_timm(family_timm_model(family)).eval()
     kinds = FAMILIES[family].kinds
     _mask_every_kind(model, kinds, seed=1)
     compact = model.compact().eval()
@@ -101,7 +86,7 @@ def test_compaction_is_exact_for_every_allowed_kind(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_timm_loads_the_saved_model(family: str, tmp_path) -> None:
-    model = from_timm(_timm_model(family)).eval()
+    model = from_timm(family_timm_model(family)).eval()
     _mask_every_kind(model, FAMILIES[family].kinds, seed=2)
     x = _images()
     for saved in (model, model.compact().eval()):
@@ -121,7 +106,7 @@ def test_timm_loads_the_saved_model(family: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_new_classifier_and_timm_api(family: str, tmp_path) -> None:
-    model = from_timm(_timm_model(family), num_classes=10).eval()
+    model = from_timm(family_timm_model(family), num_classes=10).eval()
     assert model.num_classes == 10 and model.pretrained_cfg["num_classes"] == 10
     x = _images()
     with torch.no_grad():
@@ -144,7 +129,7 @@ def test_new_classifier_and_timm_api(family: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_latency_search_and_refit(family: str) -> None:
-    dense = from_timm(_timm_model(family), num_classes=10).eval()
+    dense = from_timm(family_timm_model(family), num_classes=10).eval()
     g = torch.Generator().manual_seed(3)
     calib = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
     latency = FlopsLatency(tokens=16 + dense.num_prefix_tokens, num_classes=10, patch_size=8)
@@ -166,7 +151,7 @@ def test_latency_search_and_refit(family: str) -> None:
 
 @pytest.mark.parametrize("family", ["dinov2", "clip"])
 def test_block_distillation_runs_on_family(family: str) -> None:
-    dense = from_timm(_timm_model(family)).eval()
+    dense = from_timm(family_timm_model(family)).eval()
     pruned = copy.deepcopy(dense)
     _mask_every_kind(pruned, ("head", "v", "mlp"), seed=4)
     images = [_images(8, seed=s) for s in range(2)]
@@ -179,7 +164,7 @@ def test_block_distillation_runs_on_family(family: str) -> None:
 
 
 def test_grad_checkpointing_gives_the_same_gradients() -> None:
-    model = from_timm(_timm_model("dinov2")).train()
+    model = from_timm(family_timm_model("dinov2")).train()
     x = _images()
     grads = []
     for enable in (False, True):
@@ -192,7 +177,7 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_model_card(tmp_path) -> None:
-    model = from_timm(_timm_model("deit")).compact()
+    model = from_timm(family_timm_model("deit")).compact()
     model.save_pretrained(tmp_path)
     path = write_model_card(tmp_path, dict(source="deit_tiny_patch16_224", target=0.5, speedup=1.93,
                                            device="NVIDIA H100, batch 256, fp16", top1=71.234))

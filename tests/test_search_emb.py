@@ -23,22 +23,14 @@ from nvit_lightning.pruning.stream_basis import (
     stream_writers,
 )
 
-from .conftest import tiny_vit
+from .conftest import family_timm_model, tiny_vit
 
 ROTATABLE = [name for name in FAMILIES if name != "clip"]  # CLIP's pre_norm LayerNorm writes the stream
 
 
 def _family_model(family: str) -> PrunableViT:
     """The family's small model, every parameter moved off its init (LayerScale gains near 1)."""
-    torch.manual_seed(0)
-    model = FAMILIES[family].create_timm(num_classes=10).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.05)
-    return from_timm(model).eval()
+    return from_timm(family_timm_model(family, num_classes=10)).eval()
 
 
 def _images(n: int = 2, seed: int = 0) -> list[torch.Tensor]:
