@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -149,23 +149,35 @@ class BlockDistillation:
         """`epochs` passes of Adam (cosine-decayed lr) on mini-batches of the block's inputs; the
         parameters in `held` keep their zeros (gradient masked before each step, weight after it)."""
         steps = self.epochs * math.ceil(len(inputs) / self.batch_size)
-        optimizer = torch.optim.Adam(block.parameters(), lr=self.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+        optimizer, schedule = cosine_adam(block.parameters(), self.lr, steps)
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randint(len(inputs), (self.batch_size,), generator=generator).to(inputs.device)
-                loss = F.mse_loss(block(inputs[idx]), target[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for param, mask in held.items():  # zero gradients keep Adam's moments, so its step, at zero
-                    param.grad.mul_(mask)
-                optimizer.step()
-                schedule.step()
-                with torch.no_grad():  # exact zeros whatever the step did (e.g. a weight-decaying optimizer)
-                    for param, mask in held.items():
-                        param.mul_(mask)
+                step_holding_zeros(F.mse_loss(block(inputs[idx]), target[idx]), optimizer, schedule, held)
         optimizer.zero_grad(set_to_none=True)
+
+
+def cosine_adam(params: Iterable[nn.Parameter], lr: float, steps: int
+                ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam with its learning rate cosine-decayed from `lr` to 0 over `steps` steps."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def step_holding_zeros(loss: Tensor, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+                       held: Mapping[nn.Parameter, Tensor]) -> None:
+    """One optimizer step on `loss` in which every parameter in `held` keeps the zeros of its mask
+    (1 where it may be nonzero): its gradient is masked before the step, its weight after it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for param, mask in held.items():  # zero gradients keep Adam's moments, so its step, at zero
+        param.grad.mul_(mask)
+    optimizer.step()
+    schedule.step()
+    with torch.no_grad():  # exact zeros whatever the step did (e.g. a weight-decaying optimizer)
+        for param, mask in held.items():
+            param.mul_(mask)
 
 
 def _chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:

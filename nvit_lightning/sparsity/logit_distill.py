@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..pruning.block_distill import cosine_adam, step_holding_zeros
+
 TRAINABLE = ("all", "affine")  # every parameter | only biases and norms (1-D parameters)
 
 
@@ -92,9 +94,7 @@ class LogitDistillation:
         frozen = [p for name, p in params.items() if name not in trained and p.requires_grad]
         per_epoch = math.ceil(len(inputs) / self.batch_size)
         steps = self.epochs * per_epoch
-        optimizer = torch.optim.Adam(trained.values(), lr=self.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+        optimizer, schedule = cosine_adam(trained.values(), self.lr, steps)
         generator = torch.Generator().manual_seed(self.seed)
         bar = tqdm(total=steps, desc="logit distillation", leave=False, disable=not progress)
         try:
@@ -104,15 +104,7 @@ class LogitDistillation:
                 for epoch in range(self.epochs):
                     for idx in torch.randperm(len(inputs), generator=generator).split(self.batch_size):
                         loss = self._divergence(model(inputs[idx].to(device)), teacher[idx])
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        for param, mask in held.items():  # zero gradients keep Adam's moments, so its step, at 0
-                            param.grad.mul_(mask)
-                        optimizer.step()
-                        schedule.step()
-                        with torch.no_grad():  # exact zeros whatever the step did
-                            for param, mask in held.items():
-                                param.mul_(mask)
+                        step_holding_zeros(loss, optimizer, schedule, held)
                         bar.update()
                         bar.set_postfix(loss=f"{loss.item():.4f}")
                     if on_epoch is not None:
