@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .latency.models import LatencyModel
 from .measure import describe_model, measure_side_by_side
 from .models import PrunableViT, write_model_card
-from .report import summary_table, target_name, write_plots, write_report, write_sparsity_report
+from .report import REPORT_FILE, summary_table, target_name, write_plots, write_report, write_sparsity_report
 from .tracking import publish
 
 
@@ -34,7 +34,7 @@ def finish_pruning(cfg: DictConfig, compact: PrunableViT, dense: dict[str, Any],
         targets.append({"target": float(cfg.pruner.target), **{k: v for k, v in pruned.items() if k != "dims"}})
     timing = measure_side_by_side(dense_arch, compact, latency_model, cfg,
                                   others={target_name(t): m for t, m in others.items()})
-    report = write_report(out_dir / "report.json", dense, pruned, float(cfg.pruner.target), method["criterion"],
+    report = write_report(out_dir / REPORT_FILE, dense, pruned, float(cfg.pruner.target), method["criterion"],
                           method.get("eta"),
                           latency_model, timing=timing, targets=targets, snapshots=snapshots, events=len(history),
                           **extra)
@@ -50,7 +50,7 @@ def finish_sparsity(cfg: DictConfig, dense: dict[str, Any], levels: list[dict], 
     """report.json, the accuracy-sparsity plot and the loggers' share of a sparsity run (`method`: the
     sparsifier's `describe()`)."""
     out_dir = Path(cfg.paths.output_dir)
-    report = write_sparsity_report(out_dir / "report.json", dense, levels, method["criterion"], method["pattern"],
+    report = write_sparsity_report(out_dir / REPORT_FILE, dense, levels, method["criterion"], method["pattern"],
                                    method["distribution"],
                                    OmegaConf.to_container(cfg.pruner, resolve=True), **extra)
     publish(loggers, cfg, report, write_plots(report, out_dir))

@@ -113,8 +113,8 @@ def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batc
         return ({float(t): _with_state(model, s) for t, s in saved["targets"].items()}, saved["history"],
                 None if pruned_from is None else _with_state(model, pruned_from))
     progress_file = state.checkpoint("search")  # a pruner that saves_progress: its steps so far
-    previous = stop_after(f"the current step of the search (pruner={pruner.name})" if pruner.saves_progress else
-                          f"the search (pruner={pruner.name}) finishes: it runs as one step")
+    previous = stop_after(f"the current step of the search ({pruner.name})" if pruner.saves_progress else
+                          f"the search ({pruner.name}) finishes: it runs as one step")
     pruned = pruner(model, latency_model, batches, device, progress, progress_file)
     stop_after(previous)
     history = list(pruner.history)
@@ -123,7 +123,7 @@ def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batc
                      "rng": rng_state(), "pruned_from": None if pruned_from is None else cpu_state(pruned_from)})
     progress_file.remove_parts()  # all of it is in pruned.pt now
     progress_file.remove()
-    raise_if_stop_requested(f"the search (pruner={pruner.name})")
+    raise_if_stop_requested(f"the search ({pruner.name})")
     return pruned, history, pruned_from
 
 

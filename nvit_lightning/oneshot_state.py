@@ -11,7 +11,9 @@ Under `<run>/checkpoints/oneshot/`, every file written atomically (`pruning.inte
 
 On SIGINT / SIGTERM the pipeline stops after the current block (of the latency search, the refit or
 the distillation; a pruner that does not save its progress: once it returns), saves, and prints the
-command that resumes it: the run's own overrides plus `ckpt_path=last`.
+command that resumes it: the run's own overrides plus `ckpt_path=last`. Once the run has written its
+report the state is removed (`OneShotState.finish`): for DeiT-Base it is several hundred MB of masked
+models, and a finished run has nothing to resume.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .pruning.interrupt import Checkpoint, StopRequested
-from .report import target_name
+from .report import REPORT_FILE, target_name
 
 log = logging.getLogger("nvit_lightning")
 
@@ -74,6 +76,9 @@ class OneShotState:
         if ckpt_path != "last":
             raise ValueError(f"ckpt_path={ckpt_path}: the one-shot pipeline resumes from its state in the run dir: "
                              f"use hydra.run.dir=<run> ckpt_path=last")
+        if not self.exists() and (self.directory.parent.parent / REPORT_FILE).is_file():
+            raise ValueError(f"ckpt_path=last: the run in {self.directory.parent.parent} finished ({REPORT_FILE}); "
+                             f"there is nothing to resume: run again without ckpt_path")
         if not self.exists():
             raise FileNotFoundError(f"ckpt_path=last: no one-shot state in {self.directory} (set hydra.run.dir to "
                                     f"the interrupted run, or run without ckpt_path)")
@@ -98,6 +103,12 @@ class OneShotState:
         temporary = self.directory / f".{FINGERPRINT_FILE}.tmp"
         temporary.write_text(json.dumps(_plain(self.fingerprint), indent=1))
         os.replace(temporary, self.directory / FINGERPRINT_FILE)
+
+    def finish(self) -> None:
+        """The run wrote its report: its state is no longer needed."""
+        if self.active and self.writable and self.directory.is_dir():
+            shutil.rmtree(self.directory)
+            log.info(f"the run is finished: removed its one-shot state ({self.directory})")
 
     def stopped(self, stop: StopRequested) -> None:
         """The line a user sees when the pipeline stopped on a signal."""

@@ -12,6 +12,8 @@ from .models import PrunableViT
 from .plots import plot_accuracy_latency, plot_architecture
 from .tracking import accuracy_latency_points, report_rows
 
+REPORT_FILE = "report.json"  # a run's report, in its run dir; written last, once the run is finished
+
 
 def model_entry(model: PrunableViT, latency_model: LatencyModel, measured_ms: float | None,
                 metrics: dict[str, float] | None, with_dims: bool) -> dict[str, Any]:

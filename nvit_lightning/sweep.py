@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .plots import plot_accuracy_latency
+from .report import REPORT_FILE
 from .tracking import COLUMNS, accuracy_latency_points, report_rows
 
 SUMMARY_COLUMNS = ("job", "overrides", "status", "error", *COLUMNS)
@@ -69,8 +70,8 @@ def job_rows(job_dir: Path) -> list[dict[str, Any]]:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = " ".join(OmegaConf.load(overrides_file)) if overrides_file.is_file() else ""
     job = {"job": job_dir.name, "overrides": overrides}
-    if (job_dir / "report.json").is_file():
-        report = json.loads((job_dir / "report.json").read_text())
+    if (job_dir / REPORT_FILE).is_file():
+        report = json.loads((job_dir / REPORT_FILE).read_text())
         rows = [{**job, "status": "ok", **row} for row in report_rows(report) if row["model"] != "dense"]
         return _with_latency(rows, report)
     if (job_dir / FAILED_FILE).is_file():

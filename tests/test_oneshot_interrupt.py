@@ -162,7 +162,11 @@ def test_sigterm_during_block_distillation_saves_and_resumes_bit_identically(
     assert done.returncode == 0, done.stderr[-3000:]
     assert trained == [1]  # the second block of target 0.7 only
     assert_bit_identical(weights(run_dir), uninterrupted)
-    assert not (state / "target_0.70.distillation.pt").exists() and (state / "target_0.70.pt").is_file()
+    assert (run_dir / "report.json").is_file() and not state.exists()  # the run finished: its state is removed
+    again = main(capfd, run_dir, "ckpt_path=last")
+    assert again.returncode == 2
+    assert again.stderr.strip() == (f"error: ckpt_path=last: the run in {run_dir} finished (report.json); there is "
+                                    f"nothing to resume: run again without ckpt_path")
 
 
 def test_the_stop_message_names_the_block_and_the_command(capfd: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -197,7 +201,7 @@ def test_a_stop_during_the_search_statistics_saves_them_and_resumes_bit_identica
         done = main(capfd, run_dir)
     assert done.returncode == 143, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert "SIGTERM: stopping after the current step of the search (pruner=obs_search)" in output
+    assert "SIGTERM: stopping after the current step of the search (obs_search)" in output
     assert "stopped after the search's layer statistics; state saved in" in output
     assert oneshot_files(run_dir) == ["fingerprint.json", "search.statistics.pt"]
     saved = torch.load(run_dir / "checkpoints" / "oneshot" / "search.statistics.pt", weights_only=True)
@@ -210,7 +214,7 @@ def test_a_stop_during_the_search_statistics_saves_them_and_resumes_bit_identica
         assert main(capfd, run_dir, "ckpt_path=last").returncode == 0
     assert collected == [] and len(traced) == 4  # the statistics read back; both blocks traced
     assert_bit_identical(weights(run_dir), uninterrupted)
-    assert "search.pt" not in oneshot_files(run_dir) and "search.statistics.pt" not in oneshot_files(run_dir)
+    assert not (run_dir / "checkpoints" / "oneshot").exists()  # finished: the state is removed
 
 
 def test_a_stop_during_the_search_traces_stops_after_the_block_and_resumes_from_the_next(
@@ -241,8 +245,8 @@ def test_a_pruner_that_does_not_save_progress_stops_when_it_returns(capfd: pytes
         capfd.readouterr()
         assert run_main(run_dir, run=run) == 143
     output = "".join(capfd.readouterr())
-    assert "SIGTERM: stopping after the search (pruner=hessian) finishes: it runs as one step" in output
-    assert "stopped after the search (pruner=hessian)" in output
+    assert "SIGTERM: stopping after the search (hessian) finishes: it runs as one step" in output
+    assert "stopped after the search (hessian)" in output
     assert oneshot_files(run_dir) == ["fingerprint.json", "pruned.pt"]
     with pytest.MonkeyPatch.context() as patch:
         scored = counting(patch, ranking_module, "calibrator")

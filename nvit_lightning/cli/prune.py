@@ -79,10 +79,12 @@ def prune(cfg: DictConfig, pruner: Pruner) -> dict:
                         enable_checkpointing=False)
         compact = recover(compact, dense_model, datamodule, trainer, build(cfg.schedule.finetune_optimizer),
                           d.kl_weight, d.temperature, d.label_smoothing, cfg.max_nonfinite_skips)
-    return finish_pruning(cfg, compact, dense, dense_model, latency_model, datamodule, loggers, pruner.describe(),
-                          snapshots, history, others=compacts, calib_batches=calib,
-                          recovery_steps=cfg.recovery_steps, pruner=OmegaConf.to_container(cfg.pruner, resolve=True),
-                          reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruction else None)
+    report = finish_pruning(cfg, compact, dense, dense_model, latency_model, datamodule, loggers, pruner.describe(),
+                            snapshots, history, others=compacts, calib_batches=calib,
+                            recovery_steps=cfg.recovery_steps, pruner=OmegaConf.to_container(cfg.pruner, resolve=True),
+                            reconstruction=OmegaConf.to_container(cfg.reconstruction) if cfg.reconstruction else None)
+    state.finish()
+    return report
 
 
 def sparsify(cfg: DictConfig, pruner: Pruner) -> dict:

@@ -129,8 +129,11 @@ def prune_and_finetune(cfg: DictConfig, pruner: Pruner) -> dict:
 
     if not is_rank_zero():
         return {}
-    return finish_pruning(cfg, compact, dense, dense_arch, latency_model, datamodule, loggers, pruner.describe(),
-                          snapshots, history, others=others)
+    report = finish_pruning(cfg, compact, dense, dense_arch, latency_model, datamodule, loggers, pruner.describe(),
+                            snapshots, history, others=others)
+    if oneshot is not None:
+        oneshot.finish()
+    return report
 
 
 def sparsity_sweep(cfg: DictConfig, pruner: Pruner, max_steps: int | None = None) -> dict:
