@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,7 @@ from .models import PrunableViT
 from .module import NViTModule
 from .oneshot_state import OneShotState, rng_state, set_rng_state
 from .pruning import Pruner
-from .pruning.interrupt import (
-    StopRequested,
-    cpu_state,
-    raise_if_stop_requested,
-    stop_after,
-    stop_on_signals,
-)
+from .pruning.interrupt import Checkpoint, StopRequested, cpu_state, raise_if_stop_requested, stop_after
 from .pruning.reconstruct import Reconstruction
 from .report import target_name
 
@@ -79,30 +72,28 @@ def prune_and_refit(pruner: Pruner, model: PrunableViT, reference: PrunableViT, 
     pruner `saves_progress`, else once it returns), its state saved (`oneshot_state.py`); a resumed
     state goes on from there."""
     state = state or OneShotState()  # none: nothing saved, signals left alone
-    with stop_on_signals() if state.active else nullcontext():
-        try:
-            state.begin()
-            pruned, history, pruned_from = _prune(pruner, model, latency_model, batches[:calib_batches], device,
+    with state.running():
+        pruned, history, pruned_from = prune_step(pruner, model, latency_model, batches[:calib_batches], device,
                                                   progress, state)
-            reference = reference if pruned_from is None else pruned_from
-            compacts, snapshots = {}, {}
-            for target, masked in pruned.items():
-                changed = masked.live_dims() != model.live_dims()
-                if reconstruction is not None and changed:
-                    _refit(reconstruction, target, masked, reference, batches, device, progress, state)
-                compacts[target] = masked.compact().eval()
-                if snapshot_dir is not None and changed:
-                    snapshots[target] = str(write_snapshot(compacts[target], snapshot_dir, target))
-        except StopRequested as stop:
-            state.stopped(stop)
-            raise
+        reference = reference if pruned_from is None else pruned_from
+        compacts, snapshots = {}, {}
+        for target, masked in pruned.items():
+            changed = masked.live_dims() != model.live_dims()
+            if reconstruction is not None and changed:
+                repair_step(f"the refit of target {target}", target, masked, state,
+                            lambda checkpoint, masked=masked: reconstruction(masked, reference, batches, device,
+                                                                             progress, checkpoint))
+            compacts[target] = masked.compact().eval()
+            if snapshot_dir is not None and changed:
+                snapshots[target] = str(write_snapshot(compacts[target], snapshot_dir, target))
     return compacts, snapshots, history
 
 
-def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batches: Sequence[tuple[Tensor, Tensor]],
-           device: str | torch.device, progress: bool, state: OneShotState
-           ) -> tuple[dict[float, PrunableViT], list[dict], PrunableViT | None]:
-    """The pruner's masked models by target, its history and its `pruned_from` (None: `model`):
+def prune_step(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel | None,
+               batches: Sequence[tuple[Tensor, Tensor]], device: str | torch.device, progress: bool,
+               state: OneShotState) -> tuple[dict[float, PrunableViT], list[dict], PrunableViT | None]:
+    """The pruner's models by target (masked, or a sparsifier's sparse ones by level), its history
+    and its `pruned_from` (None: `model`):
     computed (a stop requested meanwhile takes effect after the pruner's current step when it
     `saves_progress`, else once it returns; its result saved), or as a saved state holds them."""
     checkpoint = state.pruned
@@ -113,8 +104,8 @@ def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batc
         return ({float(t): _with_state(model, s) for t, s in saved["targets"].items()}, saved["history"],
                 None if pruned_from is None else _with_state(model, pruned_from))
     progress_file = state.checkpoint("search")  # a pruner that saves_progress: its steps so far
-    previous = stop_after(f"the current step of the search ({pruner.name})" if pruner.saves_progress else
-                          f"the search ({pruner.name}) finishes: it runs as one step")
+    previous = stop_after(f"the current step of the pruner ({pruner.name})" if pruner.saves_progress else
+                          f"the pruner ({pruner.name}) finishes: it runs as one step")
     pruned = pruner(model, latency_model, batches, device, progress, progress_file)
     stop_after(previous)
     history = list(pruner.history)
@@ -123,29 +114,32 @@ def _prune(pruner: Pruner, model: PrunableViT, latency_model: LatencyModel, batc
                      "rng": rng_state(), "pruned_from": None if pruned_from is None else cpu_state(pruned_from)})
     progress_file.remove_parts()  # all of it is in pruned.pt now
     progress_file.remove()
-    raise_if_stop_requested(f"the search ({pruner.name})")
+    raise_if_stop_requested(f"the pruner ({pruner.name})")
     return pruned, history, pruned_from
 
 
-def _refit(reconstruction: Reconstruction, target: float, masked: PrunableViT, reference: PrunableViT,
-           batches: Sequence[tuple[Tensor, Tensor]], device: str | torch.device, progress: bool,
-           state: OneShotState) -> None:
-    """`reconstruction` of one target's masked model, in place: computed block by block (a stop takes
-    effect after the current block, saved), resumed, or loaded once finished."""
+def repair_step(what: str, target: float, model: PrunableViT, state: OneShotState,
+                repair: Callable[[Checkpoint], Any]) -> Any:
+    """`repair(checkpoint)` of one target's model, in place (a refit; a sparse level's reconstruction),
+    and what it returns: computed block by block (a stop takes effect after the current block, saved),
+    resumed, or loaded once finished. `what` names it in the stop messages."""
     checkpoint = state.refit(target)
     saved = checkpoint.load() if state.resume else None
     if saved is not None:
-        masked.load_state_dict(saved["model"])
-        return
-    previous = stop_after(f"the current block of the refit of target {target}")
+        model.load_state_dict(saved["model"])
+        return saved.get("result")
+    previous = stop_after(f"the current block of {what}")
     try:
-        reconstruction(masked, reference, batches, device, progress, checkpoint)
+        result = repair(checkpoint)
     except StopRequested as stop:
         stop.where += f" (target {target})"
         raise
     stop_after(previous)
-    checkpoint.save({"model": cpu_state(masked)})
+    kept = result if isinstance(result, dict) else None  # a report entry; a refit's fit results are not kept
+    checkpoint.save({"model": cpu_state(model), "result": kept})
     checkpoint.remove_parts()  # its progress: no longer needed
+    raise_if_stop_requested(f"{what} (target {target})")  # a step that does not poll, e.g. the logit step
+    return kept
 
 
 def _with_state(model: PrunableViT, state: dict[str, Tensor]) -> PrunableViT:

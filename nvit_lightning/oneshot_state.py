@@ -4,9 +4,9 @@ Under `<run>/checkpoints/oneshot/`, every file written atomically (`pruning.inte
 
     fingerprint.json            the config sections the state depends on (a resume must match them)
     search.pt / search.statistics.pt   the latency search so far: the blocks traced, the layer statistics
-    pruned.pt                   the pruner's masked models by target, its history, the RNG states after it
-                                (once it is written, the search's files go)
-    target_<t>.pt               a target's finished refit (the masked model)
+    pruned.pt                   the pruner's models by target (masked; a sparsifier's: sparse, by level), its
+                                history, the RNG states after it (once it is written, the search's files go)
+    target_<t>.pt               a target's (level's) finished refit: the model, the reconstruction's report
     target_<t>.least_squares.pt / target_<t>.distillation.pt     a refit stopped after some block
 
 On SIGINT / SIGTERM the pipeline stops after the current block (of the latency search, the refit or
@@ -25,6 +25,8 @@ import random
 import shlex
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .pruning.interrupt import Checkpoint, StopRequested
+from .pruning.interrupt import Checkpoint, StopRequested, stop_on_signals
 from .report import REPORT_FILE, target_name
 
 log = logging.getLogger("nvit_lightning")
@@ -90,6 +92,18 @@ class OneShotState:
         if saved != own:
             raise ValueError(f"cannot resume the one-shot state in {self.directory}: {_first_difference(saved, own)}; "
                              f"resume with the run's own settings, or start a new run without ckpt_path")
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The pipeline's work: a fresh run's state begun; SIGINT / SIGTERM stop it between steps (with
+        a state to save them in), the stop reported with the command that resumes."""
+        with stop_on_signals() if self.active else nullcontext():
+            try:
+                self.begin()
+                yield
+            except StopRequested as stop:
+                self.stopped(stop)
+                raise
 
     def begin(self) -> None:
         """A fresh run: replace any earlier state of the run dir, record this run's fingerprint."""
@@ -174,13 +188,9 @@ def check_before_hydra(config_name: str, script: str, argv: list[str]) -> bool:
     except Exception:  # bad pruner options: the run reports them
         return False
     try:
-        # prune.py runs every masked pruner in one shot; train.py trains a gradual one (its own checkpoints)
-        if pruner.output != "masked" or (pruner.gradual and config_name == "train"):
-            if config_name == "train":
-                return False
-            raise ValueError(f"ckpt_path resumes the one-shot pipeline of a structural pruner; pruner={pruner.name} "
-                             f"has no state to resume: run again without ckpt_path")
-        if config_name == "train" and not has_state(cfg):
+        # prune.py runs every pruner in one shot; train.py trains a gradual one and sweeps a sparsifier's
+        # levels (their own checkpoints)
+        if config_name == "train" and (pruner.output != "masked" or pruner.gradual or not has_state(cfg)):
             return False
         open_state(cfg, script, writable=False)
     except USER_ERRORS as err:

@@ -9,6 +9,7 @@ step patched to send it). One run goes through a new interpreter, as a user's do
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -201,7 +202,7 @@ def test_a_stop_during_the_search_statistics_saves_them_and_resumes_bit_identica
         done = main(capfd, run_dir)
     assert done.returncode == 143, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert "SIGTERM: stopping after the current step of the search (obs_search)" in output
+    assert "SIGTERM: stopping after the current step of the pruner (obs_search)" in output
     assert "stopped after the search's layer statistics; state saved in" in output
     assert oneshot_files(run_dir) == ["fingerprint.json", "search.statistics.pt"]
     saved = torch.load(run_dir / "checkpoints" / "oneshot" / "search.statistics.pt", weights_only=True)
@@ -245,8 +246,8 @@ def test_a_pruner_that_does_not_save_progress_stops_when_it_returns(capfd: pytes
         capfd.readouterr()
         assert run_main(run_dir, run=run) == 143
     output = "".join(capfd.readouterr())
-    assert "SIGTERM: stopping after the search (hessian) finishes: it runs as one step" in output
-    assert "stopped after the search (hessian)" in output
+    assert "SIGTERM: stopping after the pruner (hessian) finishes: it runs as one step" in output
+    assert "stopped after the pruner (hessian)" in output
     assert oneshot_files(run_dir) == ["fingerprint.json", "pruned.pt"]
     with pytest.MonkeyPatch.context() as patch:
         scored = counting(patch, ranking_module, "calibrator")
@@ -334,3 +335,57 @@ def test_a_damaged_state_file_is_one_line_naming_it(capfd: pytest.CaptureFixture
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == (f"error: {damaged} is not readable (RuntimeError): delete it to redo "
                                             f"that step, or start a new run")
+
+
+# prune.py with a sparsifier: oViT to 50 % and 70 %, each level block-distilled (2 blocks: calls 1, 2 for
+# 50 %, 3, 4 for 70 %), then logit-distilled
+SPARSE = [a for a in ONESHOT if not a.startswith("pruner")] + [
+    "pruner=ovit", "pruner.sparsities=[0.5,0.7]", "pruner.num_grads=16", "pruner.block_size=16",
+    "reconstruction=block_distill", "reconstruction.batches=2", "reconstruction.distillation.epochs=1",
+    "reconstruction.distillation.batch_size=8", "reconstruction.distillation.lr=1e-4"]
+
+
+def sparse_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(p / "model.safetensors") for p in sorted((run_dir / "sparse").iterdir())}
+
+
+def test_a_stopped_sparse_run_resumes_each_level_bit_identically(capfd: pytest.CaptureFixture,
+                                                                  tmp_path: Path) -> None:
+    from nvit_lightning.sparsity import sparsifier
+
+    assert run_main(tmp_path / "full", run=SPARSE) == 0
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:  # the first block of 70 % (50 % is done)
+        signal_at(patch, block_distill.BlockDistillation, "_train", call=3)
+        capfd.readouterr()
+        assert run_main(run_dir, run=SPARSE) == 143
+    output = "".join(capfd.readouterr())
+    command = " ".join(["python", "prune.py", *map(shlex.quote, SPARSE), f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+    assert "SIGTERM: stopping after the current block of the reconstruction of sparsity 0.70" in output
+    assert (f"SIGTERM: stopped after block 1 of 2 of block distillation (target 0.7); state saved in "
+            f"{run_dir}/checkpoints/oneshot; resume with: {command}") in output
+    assert oneshot_files(run_dir) == ["fingerprint.json", "pruned.pt", "target_0.50.pt", "target_0.70.distillation.pt"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        sparsified = counting(patch, sparsifier.OBSSparsifier, "__call__")
+        trained = counting(patch, block_distill.BlockDistillation, "_train")
+        capfd.readouterr()
+        assert run_main(run_dir, "ckpt_path=last", run=SPARSE) == 0
+    assert sparsified == [] and trained == [1]  # oViT's models read back; 70 %'s second block only
+    resumed, full = sparse_weights(run_dir), sparse_weights(tmp_path / "full")
+    assert list(resumed) == ["sparsity_0.50", "sparsity_0.70"]
+    for level in full:
+        assert_bit_identical(resumed[level], full[level])
+    assert not (run_dir / "checkpoints" / "oneshot").exists()
+    assert without_timings(run_dir) == without_timings(tmp_path / "full")  # the same numbers in the report
+
+
+def without_timings(run_dir: Path) -> dict:
+    """The run's report.json, its wall times and run dir left out."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "seconds" not in k}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value.replace(str(run_dir), "<run>") if isinstance(value, str) else value
+    return strip(json.loads((run_dir / "report.json").read_text()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -25,16 +26,26 @@ from nvit_lightning.app import (
     setup_environment,
     work_device,
 )
+from nvit_lightning.data import ViTDataModule
 from nvit_lightning.errors import check_cli_args, cli_errors, hydra_exit_codes
 from nvit_lightning.export import onnx_mode
 from nvit_lightning.finish import finish_pruning, finish_sparsity
 from nvit_lightning.measure import calibration_data, describe_model, describe_sparse, val_accuracy
-from nvit_lightning.oneshot import prune_and_refit, recover, structured_reconstruction, write_sparse
+from nvit_lightning.models import PrunableViT
+from nvit_lightning.oneshot import (
+    prune_and_refit,
+    prune_step,
+    recover,
+    repair_step,
+    structured_reconstruction,
+    write_sparse,
+)
 from nvit_lightning.oneshot_state import check_before_hydra as check_oneshot_resume
 from nvit_lightning.oneshot_state import open_state
 from nvit_lightning.pruning import Pruner
+from nvit_lightning.pruning.interrupt import Checkpoint
 from nvit_lightning.resume import load_train_checkpoint
-from nvit_lightning.sparsity.distill import distill_sparse, sparse_distillation
+from nvit_lightning.sparsity.distill import SparseReconstruction, distill_sparse, sparse_distillation
 from nvit_lightning.sweep import metric_value
 
 
@@ -101,24 +112,39 @@ def sparsify(cfg: DictConfig, pruner: Pruner) -> dict:
     pruner.check(dense, latency_model)
     save_config(cfg, out_dir)
 
+    state = open_state(cfg, "prune.py")  # ckpt_path=last: the saved state, checked
     report_dense = {"params": dense.num_params(), **val_accuracy(dense, datamodule, cfg, "dense")}
     _, batches = calibration_data(pruner, datamodule, cfg.calib_batches)
     levels = []
-    for level, sparse in pruner(dense, latency_model, batches, work_device(cfg)).items():
-        extra = {}
-        if distillation is not None:  # the same images as the structured reconstruction's
-            extra["before_reconstruction"] = val_accuracy(sparse, datamodule, cfg, f"sparsity {level:.2f}, before")
-            extra["distillation"] = distill_sparse(distillation, sparse, dense,
-                                                   datamodule.calib_dataloader(reconstruction.batches),
-                                                   list(pruner.layers(sparse)), work_device(cfg))
-        path = write_sparse(sparse, out_dir / "sparse", level)
-        levels.append({**describe_sparse(sparse, pruner, level, path, datamodule, cfg), **extra})
-        if distillation is not None:  # runs take minutes per level: each level's result as it comes
-            print(f"sparsity {level:.2f}: top-1 {extra['before_reconstruction'].get('top1')} ({pruner.name} "
-                  f"alone) -> {levels[-1].get('top1')} after the reconstruction ({extra['distillation']['seconds']} s)",
-                  flush=True)
-    return finish_sparsity(cfg, report_dense, levels, pruner.describe(), build_all(cfg.logger),
-                           reconstruction=OmegaConf.to_container(cfg.reconstruction) if distillation else None)
+    with state.running():
+        models, _, _ = prune_step(pruner, dense, latency_model, list(batches), work_device(cfg), True, state)
+        for level, sparse in models.items():
+            extra = {}
+            if distillation is not None:  # the same images as the structured reconstruction's
+                reconstruct = partial(_reconstruct_level, cfg, distillation, sparse, dense, level, datamodule,
+                                      list(pruner.layers(sparse)))
+                extra = repair_step(f"the reconstruction of sparsity {level:.2f}", level, sparse, state, reconstruct)
+            path = write_sparse(sparse, out_dir / "sparse", level)
+            levels.append({**describe_sparse(sparse, pruner, level, path, datamodule, cfg), **extra})
+            if distillation is not None:  # runs take minutes per level: each level's result as it comes
+                print(f"sparsity {level:.2f}: top-1 {extra['before_reconstruction'].get('top1')} ({pruner.name} "
+                      f"alone) -> {levels[-1].get('top1')} after the reconstruction "
+                      f"({extra['distillation']['seconds']} s)", flush=True)
+    report = finish_sparsity(cfg, report_dense, levels, pruner.describe(), build_all(cfg.logger),
+                             reconstruction=OmegaConf.to_container(cfg.reconstruction) if distillation else None)
+    state.finish()
+    return report
+
+
+def _reconstruct_level(cfg: DictConfig, distillation: SparseReconstruction, sparse: PrunableViT, dense: PrunableViT,
+                       level: float, datamodule: ViTDataModule, layers: list[str], checkpoint: Checkpoint) -> dict:
+    """A sparse level's report entries: its top-1 as the sparsifier left it, then its reconstruction
+    (zeros held), in place, on the calibration images the structured reconstruction uses."""
+    before = val_accuracy(sparse, datamodule, cfg, f"sparsity {level:.2f}, before")
+    batches = datamodule.calib_dataloader(distillation.batches)
+    return {"before_reconstruction": before,
+            "distillation": distill_sparse(distillation, sparse, dense, batches, layers, work_device(cfg),
+                                           checkpoint=checkpoint)}
 
 
 # what a run does with a pruner's models, by the kind of model it makes (`Pruner.output`)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..models import PrunableViT
 from ..pruning.block_distill import BlockDistillation
+from ..pruning.interrupt import Checkpoint
 from ..pruning.reconstruct import Reconstruction, image_batches
 from .layers import weight_masks
 from .logit_distill import LogitDistillation
@@ -76,12 +77,14 @@ def sparse_distillation(reconstruction: Reconstruction | SparseReconstruction | 
 
 def distill_sparse(reconstruction: SparseReconstruction | BlockDistillation, sparse: PrunableViT,
                    dense: PrunableViT, batches: Iterable[Tensor | Sequence[Tensor]], layers: Sequence[str],
-                   device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+                   device: str | torch.device = "cpu", progress: bool = True,
+                   checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Reconstruct the mask-free `sparse` model in place towards `dense` on calibration `batches`
     (images, or (images, labels)), every zero of the named sparse `layers` held: the masked refit,
     then the block distillation, then the logit step (a bare `BlockDistillation`: that alone). The
     report entry: wall seconds, each refit layer's relative error before / after, each block's
-    before / after, the logit step's KL on the calibration images before / after."""
+    before / after, the logit step's KL on the calibration images before / after. With `checkpoint`,
+    the distillation saves every block and stops after it when asked (`BlockDistillation`)."""
     if isinstance(reconstruction, BlockDistillation):
         reconstruction = SparseReconstruction(layers=(), distillation=reconstruction)
     start = time.time()
@@ -94,7 +97,8 @@ def distill_sparse(reconstruction: SparseReconstruction | BlockDistillation, spa
         report["refit_seconds"] = round(time.time() - start, 1)
         report["refit_errors"] = {f.layer: [f.error_before, f.error_after] for f in fits}
     if reconstruction.distillation is not None:
-        results = reconstruction.distillation(sparse, dense, images, device, progress, masks=masks)
+        results = reconstruction.distillation(sparse, dense, images, device, progress, masks=masks,
+                                              checkpoint=checkpoint.part("distillation") if checkpoint else None)
         report["block_errors"] = [[r.error_before, r.error_after] for r in results]
     if reconstruction.logits is not None:
         kl = reconstruction.logits(sparse, dense, images, device, progress, masks=masks)
