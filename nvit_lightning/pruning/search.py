@@ -90,20 +90,7 @@ def cheapest_under_budget(blocks: Sequence[BlockOptions], budget: float, bins: i
     best[0, 0] = 0.0
     choices = []
     for block, mix in zip(blocks, mixes):
-        steps = torch.ceil(block.latency / step - 1e-9).long().tolist()
-        new = torch.full_like(best, math.inf)
-        choice = torch.full((bins + 1, 2, 2), -1, dtype=torch.long)  # (option, previous a) per state
-        for j, (s, c, m) in enumerate(zip(steps, block.cost.tolist(), mix.tolist())):
-            if s > bins:
-                continue
-            for before in (0, 1):
-                after = 1 if m else before
-                candidate = torch.full((bins + 1,), math.inf, dtype=torch.float64)
-                candidate[s:] = best[: bins + 1 - s, before] + c
-                better = candidate < new[:, after]
-                new[better, after] = candidate[better]
-                choice[better, after, 0], choice[better, after, 1] = j, before
-        best = new
+        best, choice = _add_block(best, torch.ceil(block.latency / step - 1e-9).long(), block.cost.double(), mix)
         choices.append(choice)
     if not torch.isfinite(best[:, 1]).any():  # only by rounding: the budget is within one step of the floor
         raise UnreachableTargetError(f"no widths fit the budget of {budget:.2f} ms at this resolution")
@@ -114,6 +101,59 @@ def cheapest_under_budget(blocks: Sequence[BlockOptions], budget: float, bins: i
         at -= int(torch.ceil(block.latency[j] / step - 1e-9))
         state = previous
     return picks[::-1]
+
+
+def _add_block(best: Tensor, steps: Tensor, cost: Tensor, mix: Tensor, chunk: int = 128) -> tuple[Tensor, Tensor]:
+    """One step of `cheapest_under_budget`'s program: from `best` (bins + 1, 2), the least cost per state
+    after one more block whose options take `steps` latency steps at `cost`, and the (option,
+    previous a) that gives it (-1 where no option reaches the state); ties go to the first pair in
+    (option, previous a) order, as in a loop over the options that keeps strict improvements. Of the
+    options of equal steps only the cheapest (the first of equal cost) can give a state its least
+    cost, so only they are tried, all at once (a chunk of pairs per product), on the states that
+    the finite entries of `best` can reach."""
+    bins = best.shape[0] - 1
+    new = torch.full_like(best, math.inf)
+    choice = torch.full((bins + 1, 2, 2), -1, dtype=torch.long)
+    mix = mix.bool()
+    finite = torch.isfinite(best)
+    first_finite = finite.float().argmax(0)  # per previous a: the reachable states' range
+    last_finite = bins - finite.flip(0).float().argmax(0)
+    for a in (0, 1):  # a: whether an attention is kept after this block
+        pairs = []  # (option, previous a) pairs that lead to a, the cheapest per step count
+        for b, allowed in (((0, ~mix),) if a == 0 else ((0, mix), (1, torch.ones_like(mix)))):
+            if finite[:, b].any() and allowed.any():
+                kept = _cheapest_per_step(allowed.nonzero().flatten(), steps, cost)
+                pairs.append(torch.stack([kept, torch.full_like(kept, b)], 1))
+        if not pairs:
+            continue
+        pairs = torch.cat(pairs)
+        pairs = pairs[torch.argsort(pairs[:, 0] * 2 + pairs[:, 1])]  # (option, previous a) order
+        for o, b in (chunk_pairs.T for chunk_pairs in pairs.split(chunk)):
+            first = int((steps[o] + first_finite[b]).min())
+            last = min(bins, int((steps[o] + last_finite[b]).max()))
+            if first > last:
+                continue
+            at = torch.arange(first, last + 1)
+            source = at[None, :] - steps[o][:, None]  # pairs, states: the state each pair comes from
+            candidate = best[source.clamp_min(0), b[:, None]] + cost[o][:, None]
+            candidate[source < 0] = math.inf
+            value, k = candidate.min(0)  # the first pair of least cost
+            better = value < new[first:last + 1, a]
+            index = at[better]
+            new[index, a] = value[better]
+            choice[index, a, 0], choice[index, a, 1] = o[k[better]], b[k[better]]
+    return new, choice
+
+
+def _cheapest_per_step(options: Tensor, steps: Tensor, cost: Tensor) -> Tensor:
+    """Of `options` (increasing indices), per distinct step count the one of least cost (the first of
+    equal cost), in increasing order."""
+    by_cost = options[torch.sort(cost[options], stable=True).indices]
+    by_steps = by_cost[torch.sort(steps[by_cost], stable=True).indices]  # by steps, then cost, then index
+    s = steps[by_steps]
+    first = torch.ones(len(s), dtype=torch.bool)
+    first[1:] = s[1:] != s[:-1]
+    return by_steps[first].sort().values
 
 
 def _kept_widths(n: int, group_size: int, depth: bool = False) -> list[int]:

@@ -50,21 +50,26 @@ class LayerStatistics:
 
 def damped_inverse(gram: Tensor, damping: float) -> Tensor:
     """`(H + λI)⁻¹` in float64, λ = damping · mean diagonal of the weight inputs (not the bias column);
-    input columns that never fire (pruned units) get λ alone, so the inverse exists."""
+    input columns that never fire (pruned units) get λ alone, so the inverse exists. By Cholesky (half
+    the work of a general inverse; the same entries to 1e-14 relative), by LU where that fails."""
     n = gram.shape[0] - 1
     h = gram.double().clone()
     h.diagonal()[:n] += damping * h.diagonal()[:n].mean().clamp_min(1e-12)
-    return torch.linalg.inv(h)
+    factor, info = torch.linalg.cholesky_ex(h)
+    return torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(h)
 
 
 @torch.no_grad()
 def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, units: Sequence[Tensor],
                   keep: int = 1, damping: float = 0.01, row_weights: str = "fisher",
-                  removed: Tensor | None = None) -> RemovalTrace:
+                  removed: Tensor | None = None, lazy: int = 64) -> RemovalTrace:
     """Greedy OBS over `units` (each a tensor of input-column indices of `weight`, all the same size)
     until `keep` units are left. `weight` is (out, in); columns outside every unit stay and are refit.
     `removed`: input columns taken out (and compensated) before the trace starts, e.g. the dropped
-    heads of a block before its V dims are traced; their cost is `cost[0]`."""
+    heads of a block before its V dims are traced; their cost is `cost[0]`. `lazy`: for single-column
+    units (MLP neurons), the downdates of that many removals are gathered and applied at once
+    (`_single_column_trace`: the same greedy order and costs up to float rounding); 0: each removal
+    updates the weights and the inverse in place (the reference)."""
     if row_weights not in ROW_WEIGHTS:
         raise ValueError(f"row_weights must be one of {ROW_WEIGHTS}, got {row_weights!r}")
     out_features = weight.shape[0]
@@ -85,6 +90,9 @@ def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, u
         w -= ws @ correction
         h_inv -= h_inv[:, s] @ correction
         w[:, s] = 0
+    if columns.shape[1] == 1 and lazy > 0 and len(units) > keep:
+        order, steps = _single_column_trace(w, h_inv, rows, columns[:, 0], len(units) - keep, lazy)
+        return RemovalTrace(order, torch.cat([steps.new_full((1,), start), steps]).cumsum(0))
     alive = torch.ones(len(units), dtype=torch.bool, device=device)
     ids = torch.arange(len(units), device=device)  # the units' indices in `units`, as they are compacted
     order, cost = [], [start]
@@ -118,6 +126,67 @@ def removal_trace(weight: Tensor, bias: Tensor | None, stats: LayerStatistics, u
         order.append(int(ids[u]))
         cost.append(cost[-1] + max(float(unit_cost[u]), 0.0))
     return RemovalTrace(torch.tensor(order, dtype=torch.long), torch.tensor(cost, dtype=torch.float64))
+
+
+def _single_column_trace(w: Tensor, h_inv: Tensor, rows: Tensor, columns: Tensor, steps: int, lazy: int
+                         ) -> tuple[Tensor, Tensor]:
+    """The greedy trace of single columns without the weights: removing column u costs
+    `G_uu / h_uu` with `h` the inverse restricted to the units' columns and `G = wᵀ diag(rows) w`, and
+    its downdate `w ← w − w_u h_uᵀ / h_uu`, `h ← h − h_u h_uᵀ / h_uu` changes both by low rank:
+    `h ← h − p pᵀ` (p = h_u / √h_uu) and `G ← G − x yᵀ − y xᵀ` (x = h_u / h_uu,
+    y = g_u − G_uu / (2 h_uu) · h_u). Only the two diagonals (the costs) and the removed column's rows
+    are needed at each step: they are kept current, the lower triangles of `h` and `G` get `lazy`
+    downdates at once as matrix products (instead of a rank-1 pass over the whole inverse per
+    removal), and the removed columns are dropped when a quarter is gone. Only the U unit `columns`
+    of `w` (out, in + 1) and `h_inv` take part (the other columns' part of the refit is in `h_inv`
+    already). Returns the order (indices into `columns`) and the cost of each removal (not
+    cumulative)."""
+    n = len(columns)
+    if torch.equal(columns, torch.arange(n, device=columns.device)):  # e.g. every neuron: no gather
+        w, h = w[:, :n], h_inv[:n, :n].clone()
+    else:
+        w, h = w[:, columns], h_inv[columns][:, columns]
+    g = torch.zeros_like(h)
+    _lower_addmm(g, w.T * rows, w.T, 1.0)  # wᵀ diag(rows) w, on and below the diagonal
+    dh, dg = h.diagonal().clone(), g.diagonal().clone()
+    ids = torch.arange(n, device=w.device)  # the columns' original indices, as they are compacted
+    alive = torch.ones(n, dtype=torch.bool, device=w.device)
+    p, xy = w.new_empty(n, lazy), w.new_empty(n, 2 * lazy)  # p_i; x_i, y_i interleaved
+    order, costs = [], []
+    k = 0  # downdates gathered in p, xy and not yet applied to h and g
+    for _ in range(steps):
+        unit_cost = dg / dh
+        unit_cost[~alive] = float("inf")
+        u = int(unit_cost.argmin())
+        pivot, g_uu = dh[u], dg[u]
+        h_u = torch.cat([h[u, :u], h[u:, u]]).sub_(p[:, :k] @ p[u, :k])  # row u from the lower triangle
+        g_u = torch.cat([g[u, :u], g[u:, u]]).sub_(xy[:, :2 * k] @ xy[u, :2 * k].view(k, 2).flip(1).flatten())
+        p[:, k] = h_u / pivot.sqrt()
+        xy[:, 2 * k] = h_u / pivot
+        xy[:, 2 * k + 1] = g_u - g_uu / (2 * pivot) * h_u
+        dh -= p[:, k].square()
+        dg -= 2 * xy[:, 2 * k] * xy[:, 2 * k + 1]
+        alive[u] = False
+        order.append(int(ids[u]))
+        costs.append(unit_cost[u].clamp_min(0.0))
+        k += 1
+        if k == lazy:  # apply the gathered downdates
+            _lower_addmm(h, p, p)
+            _lower_addmm(g, xy, xy.view(len(xy), lazy, 2).flip(2).flatten(1))
+            k = 0
+            if int((~alive).sum()) >= len(alive) // 4:  # a quarter gone: drop the removed columns
+                h, g = h[alive][:, alive], g[alive][:, alive]
+                dh, dg, ids = dh[alive], dg[alive], ids[alive]
+                p, xy = p[alive], xy[alive]
+                alive = torch.ones(len(ids), dtype=torch.bool, device=w.device)
+    return torch.tensor(order, dtype=torch.long), torch.stack(costs).cpu() if costs else w.new_zeros(0).cpu()
+
+
+def _lower_addmm(m: Tensor, a: Tensor, b: Tensor, alpha: float = -1.0, block: int = 256) -> None:
+    """`m += alpha a bᵀ` on and below the diagonal (by blocks of columns: about half the products)."""
+    for i in range(0, len(m), block):
+        j = min(i + block, len(m))
+        m[i:, i:j].addmm_(a[i:], b[i:j].T, alpha=alpha)
 
 
 def _without_removed(w: Tensor, h_inv: Tensor, columns: Tensor, alive: Tensor, ids: Tensor
@@ -164,9 +233,7 @@ def collect_statistics(model: PrunableViT, batches: Iterable[Sequence[Tensor]], 
             if name in kept and sum(len(t) for t in kept[name]) < keep_images:
                 have = sum(len(t) for t in kept[name])
                 kept[name].append(inputs[0].detach()[: keep_images - have].float().cpu())
-            x = inputs[0].detach().flatten(0, -2).float()  # tokens, in
-            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
-            grams[name] += (x.T @ x).double()  # float32 product per batch, float64 across batches
+            _add_gram(grams[name], inputs[0].detach().flatten(0, -2).float())  # tokens, in
         return hook
 
     def backward_hook(name: str):
@@ -195,8 +262,28 @@ def collect_statistics(model: PrunableViT, batches: Iterable[Sequence[Tensor]], 
         model.zero_grad(set_to_none=True)
     if not images:
         raise ValueError("structured OBS needs at least one calibration batch")
-    return {n: LayerStatistics(grams[n].cpu() / images, rows[n].cpu() / images,
+    return {n: LayerStatistics(_symmetric(grams[n]).cpu() / images, rows[n].cpu() / images,
                                torch.cat(kept[n]) if kept.get(n) else None) for n in layers}
+
+
+GRAM_BLOCK = 256  # columns per product of `_add_gram`
+
+
+def _add_gram(gram: Tensor, x: Tensor) -> None:
+    """Add the Gram matrix of `[x, 1]` (x: tokens, in; float32 products, float64 sums) to the lower
+    triangle of `gram` (in + 1, in + 1): by blocks of columns, the products on and below the diagonal
+    only (0.54 of the work of the whole product for 3072 inputs, the same entries as it);
+    `_symmetric` fills the rest."""
+    x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+    n = x.shape[1]
+    for i in range(0, n, GRAM_BLOCK):
+        j = min(i + GRAM_BLOCK, n)
+        gram[i:, i:j] += x[:, i:].T @ x[:, i:j]
+
+
+def _symmetric(gram: Tensor) -> Tensor:
+    """The symmetric matrix of which `gram` holds the lower triangle (and the diagonal)."""
+    return gram.tril() + gram.tril(-1).T
 
 
 @dataclass
