@@ -9,7 +9,9 @@
 
 Every method runs exactly as `python prune.py pruner=<method>` does (the same configs and code path):
 the Fisher from per-sample gradients on the 1000-image ImageNet sample (eval transform), sparsity over
-the block linears (q, k, v, proj, fc1, fc2), one model per level; top-1 on the 1300 validation images,
+the block linears (q, k, v, proj, fc1, fc2), one model per level (oViT: the Fisher computed again at each
+of `pruner.steps` = 4 equal steps to the highest level; "oViT, 1 step": one Fisher at the dense
+weights, as before); top-1 on the 1300 validation images,
 which calibration never sees. The damping of each second-order method is its config default, chosen
 on held-out sample images (README). The plain rows run with `reconstruction=none`. A "+ block
 distillation" run (`reconstruction=block_distill`) or "+ masked refit" run
@@ -42,6 +44,9 @@ RUNS = {  # name: prune.py overrides
     "WoodFisher 2:4": ["pruner=woodfisher", "pruner.pattern=2:4", "pruner.sparsities=null", *NONE],
     "magnitude 2:4": ["pruner=global_magnitude", "pruner.pattern=2:4", "pruner.sparsities=null", *NONE],
     **{f"oViT + {step}": ["pruner=ovit", f"pruner.sparsities={LEVELS}", *how] for step, how in RECONSTRUCTIONS.items()},
+    # oViT before `pruner.steps` (one Fisher at the dense weights for every level; the default is 4 steps)
+    "oViT, 1 step": ["pruner=ovit", "pruner.steps=1", f"pruner.sparsities={LEVELS}", *NONE],
+    "oViT, 1 step + block distillation": ["pruner=ovit", "pruner.steps=1", f"pruner.sparsities={LEVELS}", *DISTILL],
     **{f"oViT 2:4 + {step}": ["pruner=ovit", "pruner.pattern=2:4", "pruner.sparsities=null", *how]
        for step, how in RECONSTRUCTIONS.items()},
 }

@@ -216,6 +216,7 @@ SCHEMA: dict[str, Spec] = {
     "pruner.sparsities": Spec(gt=0, lt=1),
     "pruner.block_size": Spec(**POSITIVE),
     "pruner.num_grads": Spec(**POSITIVE),
+    "pruner.steps": Spec(**POSITIVE),
     "pruner.damp": Spec(gt=0),
     "pruner.fisher_budget_gb": Spec(gt=0),
     "pruner.rescore_batches": Spec(**POSITIVE),

@@ -126,6 +126,8 @@ BAD_VALUES = [
     ("train", ["pruner=gradual", "pruner.latency_step=abc"], "pruner.latency_step", "a number"),
     ("prune", ["pruner=ovit", "pruner.sparsities=[0.5,1.0]"], "pruner.sparsities", "strictly between 0 and 1"),
     ("prune", ["pruner=ovit", "pruner.block_size=0"], "pruner.block_size", ">= 1"),
+    ("prune", ["pruner=ovit", "pruner.steps=0"], "pruner.steps", ">= 1"),
+    ("prune", ["pruner=ovit", "pruner.steps=2.5"], "pruner.steps", "an integer"),
     ("prune", ["pruner=ovit", "pruner.head=maybe"], "pruner.head", "true or false"),
     ("train", ["reconstruction.batches=0"], "reconstruction.batches", ">= 1"),
     ("train", ["reconstruction.damping=abc"], "reconstruction.damping", "a number"),

@@ -11,6 +11,7 @@ import copy
 import logging
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -143,13 +144,24 @@ class OBSSparsifier(Sparsifier):
 
     Fisher blocks take rows x B² x 4 bytes per layer (DeiT-Tiny, B = 64: 1.4 GB in all); layers are
     processed in chunks whose Fisher fits `fisher_budget_gb`. With more than one chunk the gradients
-    are collected twice per chunk (once to rank, once to update) rather than keeping every chunk."""
+    are collected twice per chunk (once to rank, once to update) rather than keeping every chunk.
+
+    `steps` = k > 1 reaches the highest level s in k steps (multi-step / iterative OBS): the Fisher is
+    computed again on the sparse model at s/k, 2s/k, ..., (k−1)s/k (k equal steps from the model's
+    own sparsity, 0 for a dense model), whose zeros stay zero (they are the first, free removals of
+    the next step); each level is cut from the last Fisher below it, starting from the model there.
+    The levels then nest (every zero of a level is a zero of the higher ones). `steps=1`: one Fisher
+    at the model's weights for every level (held-out top-1 of DeiT-Tiny at 60 / 70 / 80 %, oViT alone:
+    59.2 / 32.9 / 3.1 % with 1 step, 61.2 / 39.8 / 11.2 % with 4; docs/sparsity_reconstruction.md)."""
 
     def __init__(self, sparsities: Sequence[float] | None = (0.5, 0.6, 0.7, 0.8), pattern: str = "unstructured",
                  distribution: str = "global", patch_embed: bool = False, head: bool = False,
                  order: str = "greedy", block_size: int = 64, num_grads: int = 1024, damp: float = 1e-4,
-                 fisher_budget_gb: float = 8.0, device: str = "cpu") -> None:
+                 fisher_budget_gb: float = 8.0, device: str = "cpu", steps: int = 1) -> None:
         super().__init__(sparsities, pattern, distribution, patch_embed, head)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"pruner.steps must be an integer >= 1 (1: one Fisher at the dense weights for every "
+                             f"level), got {steps!r}")
         if order not in ORDERS:
             raise ValueError(f"pruner.order must be one of {ORDERS}, got {order!r}")
         if block_size < 1 or num_grads < 1 or damp <= 0 or fisher_budget_gb <= 0:
@@ -158,7 +170,7 @@ class OBSSparsifier(Sparsifier):
         if self.nm is not None and block_size % self.nm[1]:
             raise ValueError(f"block_size {block_size} must be a multiple of M = {self.nm[1]} for {pattern}")
         self.order, self.block_size, self.num_grads, self.damp = order, block_size, num_grads, damp
-        self.fisher_budget_gb, self.device = fisher_budget_gb, device
+        self.fisher_budget_gb, self.device, self.steps = fisher_budget_gb, device, steps
 
     @property
     def name(self) -> str:
@@ -195,6 +207,40 @@ class OBSSparsifier(Sparsifier):
                  ) -> dict[float, nn.Module]:
         """`device` is the run's; the Fisher blocks go where `self.device` says (they can outgrow a GPU)."""
         model = model.to(self.device)
+        if self.steps == 1:
+            return self._copies(model, self._prune(model, batches, self.sparsities))
+        out: dict[float, nn.Module] = {}
+        current = model
+        weights = [layer.weight for layer in self.layers(model).values()]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        for start, stop, levels in self.schedule(zeros):
+            cut = sorted({*levels, stop})
+            log.info(f"oViT step {start:.3f} -> {stop:.3f}: Fisher of the {start:.0%} sparse model, levels "
+                     f"{[round(s, 4) for s in levels]}")
+            models = self._copies(current, self._prune(current, batches, cut, final=self.sparsities[-1]))
+            out.update({level: models[level] for level in levels})
+            current = models[stop]
+        return out
+
+    def grid(self, start: float = 0.0) -> list[float]:
+        """The sparsities the steps start from and end at: k equal steps from the model's own sparsity
+        `start` (0 for a dense model) to the highest level s: 0, s/k, ..., s."""
+        top, k = self.sparsities[-1], self.steps
+        if start >= top:
+            return [start, top]
+        return [round(start + (top - start) * i / k, 12) for i in range(k)] + [top]
+
+    def schedule(self, start: float = 0.0) -> list[tuple[float, float, list[float]]]:
+        """The steps (from, to, levels cut there); a level is cut in the step whose span (from, to]
+        holds it (a level at or below `start` in the first), from the Fisher at `from`."""
+        grid = self.grid(start)
+        return [(lo, hi, [s for s in self.sparsities if lo < s <= hi or (i == 0 and s <= lo)])
+                for i, (lo, hi) in enumerate(pairwise(grid))]
+
+    def _prune(self, model: nn.Module, batches: Batches, levels: list[float], final: float | None = None
+               ) -> dict[float, dict[str, Tensor]]:
+        """The sparse weights of each of `levels` from one Fisher at `model`'s weights (its zeros kept).
+        N:M: a level below `final` (an intermediate step) takes that fraction of each block's removals."""
         layers = self.layers(model)
         chunks = self.chunks(layers)
         if len(chunks) > 1:
@@ -211,24 +257,25 @@ class OBSSparsifier(Sparsifier):
                                                        self.nm)
             if len(chunks) == 1:  # the update pass reuses these; with several chunks it collects them again
                 kept = finv
-        counts = self._counts(layers, blocks, first, losses)
-        weights: dict[float, dict[str, Tensor]] = {level: {} for level in self.sparsities}
+        counts = self._counts(layers, blocks, first, losses, levels, final)
+        weights: dict[float, dict[str, Tensor]] = {level: {} for level in levels}
         for chunk in chunks:
             finv = kept or self._inverses(model, chunk, batches)
             for name, layer in tqdm(chunk.items(), desc="OBS updates", leave=False):
-                levels = [counts[s][name] for s in self.sparsities]
-                pruned = obs_prune(views[name], finv.pop(name), orders[name], levels)
-                for level, w in zip(self.sparsities, pruned):
+                pruned = obs_prune(views[name], finv.pop(name), orders[name], [counts[s][name] for s in levels])
+                for level, w in zip(levels, pruned):
                     weights[level][name] = blocks[name].unview(w, layer.weight)
-        return self._copies(model, weights)
+        return weights
 
     def _counts(self, layers: dict[str, nn.Module], blocks: dict[str, Blocks], first: dict[str, Tensor],
-                losses: dict[str, Tensor]) -> dict[float, dict[str, Tensor]]:
-        if self.nm is not None:  # every block takes all its m - n removals per group of m
-            return {self.sparsities[0]: {name: torch.full((blocks[name].rows,), loss.shape[1], device=loss.device)
-                                         for name, loss in losses.items()}}
+                losses: dict[str, Tensor], levels: list[float], final: float | None = None
+                ) -> dict[float, dict[str, Tensor]]:
+        if self.nm is not None:  # every block takes all its m - n removals per group of m (a share of them
+            final = final or levels[-1]  # in an intermediate step)
+            return {level: {name: torch.full((blocks[name].rows,), round(loss.shape[1] * level / final),
+                                             device=loss.device) for name, loss in losses.items()}
+                    for level in levels}
         forced = {name: f.sum(1) for name, f in first.items()}
         zeros = {name: int(f.sum()) - blocks[name].pad for name, f in first.items()}
         numels = {name: layer.weight.numel() for name, layer in layers.items()}
-        return {level: removal_counts(losses, forced, numels, zeros, level, self.distribution)
-                for level in self.sparsities}
+        return {level: removal_counts(losses, forced, numels, zeros, level, self.distribution) for level in levels}
