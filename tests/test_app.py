@@ -600,6 +600,59 @@ SWEEP = ["+experiment=ovit_sweep", *SPARSE_SMALL, "pruner.sparsities=[0.3,0.5]",
          "pruner.block_size=16", "sweep.steps_per_level=3", "data.batch_size=8", "data.train.num_samples=64"]
 
 
+def test_sweep_demo_block_distils_each_level_instead_of_kl_steps(tmp_path: Path) -> None:
+    """`+experiment=ovit_sweep` ships `reconstruction=sweep_distill` (chosen on held-out images,
+    docs/sparsity_reconstruction.md): one block-distillation pass per block on 8 calibration batches,
+    no logit step, one Fisher and one KL step per level (the lr schedule's cycle with it);
+    `reconstruction=none` (the KL steps alone) and `block_distill` on the command line still mean
+    what they say."""
+    from nvit_lightning.sparsity.distill import sparse_distillation
+
+    def plan(*extra: str):
+        cfg = compose_cfg("train", ["+experiment=ovit_sweep", *extra], tmp_path)
+        return cfg, sparse_distillation(build(cfg.reconstruction) if cfg.reconstruction else None)
+
+    cfg, demo = plan()
+    assert demo.layers == () and demo.batches == 8 and demo.logits is None
+    assert (demo.distillation.epochs, demo.distillation.lr, demo.distillation.batch_size) == (1, 1e-3, 32)
+    assert cfg.sweep.steps_per_level == 1 and cfg.schedule.finetune_scheduler.cycle_steps == 1
+    assert list(cfg.pruner.sparsities) == [0.5, 0.6, 0.7] and cfg.pruner.num_grads == 128
+    assert build(cfg.pruner).steps == 1  # one Fisher per level, as measured (the levels are the steps)
+    assert plan("reconstruction=none")[1] is None
+    full = plan("reconstruction=block_distill")[1]
+    assert (full.batches, full.distillation.epochs) == (16, 16) and full.logits is not None
+    assert plan("sweep.steps_per_level=16")[0].schedule.finetune_scheduler.cycle_steps == 16
+
+
+def test_sweep_demo_distils_on_calibration_images_then_fine_tunes(tmp_path: Path, monkeypatch) -> None:
+    """The demo's default on a small model: each level is distilled once, on `reconstruction.batches`
+    calibration batches of the training data, with its zeros exact in the saved model."""
+    from nvit_lightning.callbacks import sparsity as sweep_module
+    from nvit_lightning.sparsity.distill import distill_sparse
+
+    seen = []
+
+    def recording(plan, sparse, dense, batches, layers, *args, **kwargs):
+        batches = list(batches)
+        seen.append((plan, [len(b[0]) for b in batches]))
+        report = distill_sparse(plan, sparse, dense, batches, layers, *args, **kwargs)
+        seen[-1] += (report,)
+        return report
+
+    monkeypatch.setattr(sweep_module, "distill_sparse", recording)
+    report = run_train([*SWEEP, "reconstruction.batches=2"], tmp_path)
+    assert len(seen) == 2  # one per level
+    for plan, sizes, distilled in seen:
+        assert plan.logits is None and plan.distillation.epochs == 1 and sizes == [8, 8]
+        assert "logit_kl" not in distilled and len(distilled["block_errors"]) == 2
+        assert all(after <= before for before, after in distilled["block_errors"])
+    for entry in report["sparse"]:
+        assert abs(entry["achieved"] - entry["sparsity"]) < 1e-3
+    first, second = (_zeros(e["dir"]) for e in report["sparse"])
+    for key, zero in first.items():
+        assert bool((second[key] | ~zero).all()), key
+
+
 def _zeros(path: str) -> dict[str, torch.Tensor]:
     state = load_file(str(Path(path) / "model.safetensors"))
     return {k: v == 0 for k, v in state.items() if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2}
