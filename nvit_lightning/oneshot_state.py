@@ -122,6 +122,8 @@ class OneShotState:
         """The run wrote its report: its state is no longer needed."""
         if self.active and self.writable and self.directory.is_dir():
             shutil.rmtree(self.directory)
+            if not any(self.directory.parent.iterdir()):  # checkpoints/ held nothing else
+                self.directory.parent.rmdir()
             log.info(f"the run is finished: removed its one-shot state ({self.directory})")
 
     def stopped(self, stop: StopRequested) -> None:
