@@ -57,7 +57,8 @@ def test_levels_nest_and_each_is_exact(steps: int, distribution: str) -> None:
         assert torch.equal(v, before[k]), k
 
 
-def test_each_step_recomputes_the_fisher_on_the_sparse_model(monkeypatch) -> None:
+def fisher_sparsities(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """From now on, the sparsity of the block linears of each model a Fisher is computed on."""
     seen: list[float] = []
     fisher = sparsifier_module.block_fisher
 
@@ -67,6 +68,11 @@ def test_each_step_recomputes_the_fisher_on_the_sparse_model(monkeypatch) -> Non
         return fisher(model, layers, *args, **kwargs)
 
     monkeypatch.setattr(sparsifier_module, "block_fisher", spy)
+    return seen
+
+
+def test_each_step_recomputes_the_fisher_on_the_sparse_model(monkeypatch) -> None:
+    seen = fisher_sparsities(monkeypatch)
     sparsifier = OBSSparsifier(sparsities=[0.5, 0.6, 0.7, 0.8], num_grads=16, block_size=16, steps=4)
     assert sparsifier.schedule() == [(0.0, 0.2, []), (0.2, 0.4, []), (0.4, 0.6, [0.5, 0.6]), (0.6, 0.8, [0.7, 0.8])]
     sparsifier(tiny_vit(), batches=_batches(2))
@@ -135,15 +141,7 @@ def test_bad_steps_are_refused(steps) -> None:
 def test_steps_start_from_the_models_own_sparsity(monkeypatch) -> None:
     """A model that is already sparse (the sweep's next level) takes its k steps from there, its zeros kept."""
     sparse = OBSSparsifier(sparsities=[0.4], num_grads=16, block_size=16)(tiny_vit(), batches=_batches(2))[0.4]
-    seen: list[float] = []
-    fisher = sparsifier_module.block_fisher
-
-    def spy(model, layers, *args, **kwargs):
-        weights = [layer.weight for layer in layers.values()]
-        seen.append(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
-        return fisher(model, layers, *args, **kwargs)
-
-    monkeypatch.setattr(sparsifier_module, "block_fisher", spy)
+    seen = fisher_sparsities(monkeypatch)
     sparsifier = OBSSparsifier(sparsities=[0.8], num_grads=16, block_size=16, steps=2)
     assert sparsifier.schedule(0.4) == [(0.4, 0.6, []), (0.6, 0.8, [0.8])]
     assert sparsifier.schedule(0.9) == [(0.9, 0.8, [0.8])]  # nothing left to step through: one Fisher
