@@ -13,6 +13,7 @@ from nvit_lightning.sparsity import (
     block_fisher,
     damped_inverse,
     is_n_m_sparse,
+    layer_sparsity,
     obs_order,
     obs_prune,
     removal_counts,
@@ -63,8 +64,7 @@ def fisher_sparsities(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     fisher = sparsifier_module.block_fisher
 
     def spy(model, layers, *args, **kwargs):
-        weights = [layer.weight for layer in layers.values()]
-        seen.append(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+        seen.append(layer_sparsity(model, list(layers))[0])
         return fisher(model, layers, *args, **kwargs)
 
     monkeypatch.setattr(sparsifier_module, "block_fisher", spy)

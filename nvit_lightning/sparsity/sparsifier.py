@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..pruning.base import Pruner, batches_for_samples
 from ..pruning.interrupt import Checkpoint
 from .fisher import block_fisher, damped_inverse
-from .layers import Blocks, sparsifiable_layers
+from .layers import Blocks, layer_sparsity, sparsifiable_layers
 from .obs import ORDERS, obs_order, obs_prune
 from .select import DISTRIBUTIONS, removal_counts
 
@@ -211,8 +211,7 @@ class OBSSparsifier(Sparsifier):
             return self._copies(model, self._prune(model, batches, self.sparsities))
         out: dict[float, nn.Module] = {}
         current = model
-        weights = [layer.weight for layer in self.layers(model).values()]
-        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        zeros, _ = layer_sparsity(model, list(self.layers(model)))
         for start, stop, levels in self.schedule(zeros):
             cut = sorted({*levels, stop})
             log.info(f"oViT step {start:.3f} -> {stop:.3f}: Fisher of the {start:.0%} sparse model, levels "
