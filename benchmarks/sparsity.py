@@ -6,6 +6,8 @@
         --methods "oViT + block distillation" "oViT 2:4 + block distillation"   # + reconstruction
     python benchmarks/sparsity.py --out benchmarks/results/sparsity_reconstruction --append \
         --methods "oViT + block distillation" --levels "[0.6,0.8]" --nvit-model outputs/prune/<run>/model
+    python benchmarks/sparsity.py --out benchmarks/results/sparsity_reconstruction --append --methods \
+        --report "oViT + block distillation (16 passes)" outputs/prune/<run>/report.json   # a prune.py run's rows
 
 Every method runs exactly as `python prune.py pruner=<method>` does (the same configs and code path):
 the Fisher from per-sample gradients on the 1000-image ImageNet sample (eval transform), sparsity over
@@ -74,6 +76,9 @@ def main() -> None:
     parser.add_argument("--levels", help="sparsities of the unstructured runs, e.g. [0.5,0.7] (default: all four)")
     parser.add_argument("--overrides", nargs="*", default=[], help="more prune.py overrides for every run, e.g. "
                         "reconstruction.distillation.epochs=4")
+    parser.add_argument("--report", nargs=2, action="append", default=[], metavar=("NAME", "REPORT_JSON"),
+                        help="add the rows of a finished prune.py run (its report.json), e.g. --report "
+                        "'oViT + block distillation (16 passes)' outputs/prune/<run>/report.json; its time is unknown")
     parser.add_argument("--append", action="store_true", help="keep the rows already in --out's sparsity.json (a row "
                         "run again gains the new levels)")
     args = parser.parse_args()
@@ -94,6 +99,8 @@ def main() -> None:
                       f"model.pretrained_dir={args.nvit_model}", *RECONSTRUCTIONS.get(step, NONE), *args.overrides],
                      args.work / ("nvit_ovit" if step == "none" else f"nvit_ovit_{step.replace(' ', '_')}"))
         merge(results, rows(name, report))
+    for name, path in args.report:
+        merge(results, rows(name, json.loads(Path(path).read_text())))
     saved.write_text(json.dumps(results, indent=2))
     (args.out / "sparsity.md").write_text(table(results))
     plot(results, args.out / "sparsity.png")
@@ -113,23 +120,27 @@ def merge(results: dict, new: dict) -> None:
         for key in ("levels", "distill_seconds", "refit_seconds"):
             if key in row:
                 old[key] = dict(sorted({**old.get(key, {}), **row[key]}.items()))
-        old["seconds"] += row["seconds"]
+        old["seconds"] = None if None in (old["seconds"], row["seconds"]) else old["seconds"] + row["seconds"]
 
 
 def rows(name: str, report: dict) -> dict[str, dict]:
     """The benchmark row(s) of one run: its models, and, after a reconstruction, the same run's models
     before it (the wall time then covers both)."""
-    out = {name: {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
+    seconds = report.get("seconds")  # None: a prune.py run added with --report
+    out = {name: {"dense_top1": report["dense"]["top1"], "seconds": seconds,
                   "levels": {f"{e['sparsity']:.2f}": e["top1"] for e in report["sparse"]}}}
     if all("before_reconstruction" in e for e in report["sparse"]):
         out[name]["distill_seconds"] = {f"{e['sparsity']:.2f}": e["distillation"]["seconds"] for e in report["sparse"]}
-        step = next(step for step in RECONSTRUCTIONS if name.endswith(f" + {step}"))
-        base = name[:-len(f" + {step}")]
+        step = next((step for step in RECONSTRUCTIONS if f" + {step}" in name), None)
+        if step is None:
+            raise SystemExit(f"{name!r}: a run with a reconstruction is named '<method> + <"
+                             + "|".join(RECONSTRUCTIONS) + ">[ (details)]'")
+        base = name.split(f" + {step}")[0]
         alone = f"{base}, alone" if step == "block distillation" else f"{base}, alone (before {step})"
         if any("refit_seconds" in e["distillation"] for e in report["sparse"]):
             out[name]["refit_seconds"] = {f"{e['sparsity']:.2f}": e["distillation"]["refit_seconds"]
                                           for e in report["sparse"]}
-        out[alone] = {"dense_top1": report["dense"]["top1"], "seconds": report["seconds"],
+        out[alone] = {"dense_top1": report["dense"]["top1"], "seconds": seconds,
                       "levels": {f"{e['sparsity']:.2f}": e["before_reconstruction"]["top1"] for e in report["sparse"]}}
     for key, row in out.items():
         print(key, json.dumps(row), flush=True)
@@ -142,7 +153,8 @@ def table(results: dict) -> str:
              "|---|---|" + "---|" * len(levels) + "---|"]
     for name, r in results.items():
         cells = [f"{r['levels'][s]:.1f}" if s in r["levels"] else "" for s in levels]
-        lines.append(f"| {name} | {r['dense_top1']:.1f} | " + " | ".join(cells) + f" | {r['seconds']} s |")
+        wall = "" if r["seconds"] is None else f"{r['seconds']} s"
+        lines.append(f"| {name} | {r['dense_top1']:.1f} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines) + "\n"
 
 
