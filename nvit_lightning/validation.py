@@ -235,6 +235,7 @@ SCHEMA: dict[str, Spec] = {
     "reconstruction.distillation.lr": Spec(gt=0),
     "reconstruction.distillation.batch_size": Spec(**POSITIVE),
     "reconstruction.distillation.seed": Spec(ge=0, le=SEED_MAX),
+    "reconstruction.distillation.readout": Spec(ge=0, lt=1),
 }
 # nodes that take only the keys SCHEMA declares under them ("" is the top level)
 CLOSED = ("", "schedule", "distill", "onnx", "sweep")

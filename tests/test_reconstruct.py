@@ -170,7 +170,7 @@ def test_reconstruction_config_checks_values() -> None:
         Reconstruction(batches=0)
     with pytest.raises(ValueError, match="masked"):
         reconstruct(tiny_vit().compact(), tiny_vit(), _images(1))
-    for bad in ({"epochs": 0}, {"lr": 0.0}, {"batch_size": 0}):
+    for bad in ({"epochs": 0}, {"lr": 0.0}, {"batch_size": 0}, {"readout": 1.0}, {"readout": -0.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             BlockDistillation(**bad)
     with pytest.raises(ValueError, match="masked"):

@@ -16,7 +16,7 @@ from nvit_lightning.app import build
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
-from nvit_lightning.sparsity.distill import SparseReconstruction, distill_sparse
+from nvit_lightning.sparsity.distill import SPARSE_READOUT, SparseReconstruction, distill_sparse
 from nvit_lightning.sparsity.logit_distill import LogitDistillation
 from nvit_lightning.sparsity.refit import masked_lstsq, masked_refit
 
@@ -67,8 +67,9 @@ def _check_every_step(model: PrunableViT, masks: dict[str, Tensor]) -> Iterator[
         handle.remove()
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_distillation_holds_every_zero_at_every_step(pattern: str) -> None:
+@pytest.mark.parametrize(("pattern", "readout", "lr"), [("unstructured", 0.0, 3e-3), ("2:4", 0.0, 3e-3),
+                                                        ("unstructured", 0.5, 1e-3)])
+def test_distillation_holds_every_zero_at_every_step(pattern: str, readout: float, lr: float) -> None:
     dense = _dense()
     sparse = _sparse(dense, pattern)
     names = list(sparsifiable_layers(sparse))
@@ -76,8 +77,8 @@ def test_distillation_holds_every_zero_at_every_step(pattern: str) -> None:
     before = copy.deepcopy(sparse.state_dict())
     images = [x for x, _ in _batches()]
     with _check_every_step(sparse, masks) as steps:
-        results = BlockDistillation(epochs=3, lr=3e-3, batch_size=16)(sparse, dense, images, progress=False,
-                                                                      masks=masks)
+        results = BlockDistillation(epochs=3, lr=lr, batch_size=16, readout=readout)(
+            sparse, dense, images, progress=False, masks=masks)
     assert steps[0] == 2 * 3 * 4  # every step of both blocks was checked
     assert all(r.error_after < r.error_before for r in results)  # trained, not reverted
     modules = dict(sparse.named_modules())
@@ -104,6 +105,30 @@ def test_distillation_lowers_every_blocks_error_below_ovits() -> None:
         reference = block_outputs(dense, images)
         for o, s, r in zip(block_outputs(ovit, images), block_outputs(sparse, images), reference):
             assert (s - r).square().sum() < 0.9 * (o - r).square().sum()
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_readout_trades_stream_error_for_what_the_head_reads(global_pool: str) -> None:
+    """With `readout`, part of each block's loss is the error of what the head reads of the stream
+    (the class token, or the patch mean): after the last block that error ends lower than with the
+    plain stream loss, while the plain loss matches the whole stream better, as each was asked."""
+    dense = tiny_vit(global_pool=global_pool).compact()
+    ovit = _sparse(dense, "unstructured")
+    batches = _batches(4)
+    images = [x for x, _ in batches]
+    reference = block_outputs(dense, images)[-1]
+    errors = {}
+    for readout in (0.0, 0.9):
+        sparse = copy.deepcopy(ovit)
+        distill_sparse(BlockDistillation(epochs=8, lr=1e-3, batch_size=16, readout=readout), sparse, dense,
+                       batches, list(sparsifiable_layers(sparse)), progress=False)
+        last = block_outputs(sparse, images)[-1]
+        errors[readout] = [float((last - reference).square().sum() / reference.square().sum()),
+                           float((dense.pool(last) - dense.pool(reference)).square().sum()
+                                 / dense.pool(reference).square().sum())]
+    (stream_plain, read_plain), (stream_readout, read_readout) = errors[0.0], errors[0.9]
+    assert read_readout < 0.8 * read_plain
+    assert stream_plain < stream_readout
 
 
 def test_distillation_needs_masks_exactly_for_mask_free_models() -> None:
@@ -204,8 +229,9 @@ def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
 
 def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
     """sparse_refit: the masked refit of proj / fc1 / fc2 alone; block_distill: the distillation
-    (16 passes), then the logit step; sparse_logits: the same with its own settings (4 passes);
-    least_squares and none: nothing."""
+    (16 passes, half of each block's loss on the class token unless `readout` is set), then the logit
+    step; sparse_logits: the same with its own settings (4 passes, every token alike); least_squares
+    and none: nothing. A structured run's block_distill keeps `readout` unset (every token alike)."""
     from hydra import compose, initialize_config_dir
 
     from nvit_lightning.app import config_dir
@@ -216,6 +242,13 @@ def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
         for name in ("least_squares", "block_distill", "sparse_refit", "sparse_logits", "none"):
             cfg = compose("prune", overrides=["pruner=ovit", f"reconstruction={name}"])
             plans[name] = sparse_distillation(build(cfg.reconstruction) if cfg.reconstruction else None)
+        structured = build(compose("prune", overrides=["reconstruction=block_distill"]).reconstruction)
+        explicit = compose("prune", overrides=["pruner=ovit", "reconstruction=block_distill",
+                                               "reconstruction.distillation.readout=0"])
+        plans["readout 0"] = sparse_distillation(build(explicit.reconstruction))
+    assert structured.distillation.readout is None  # every token alike (`_train`'s share 0)
+    assert plans["block_distill"].distillation.readout == SPARSE_READOUT == 0.5
+    assert plans["readout 0"].distillation.readout == 0 and plans["sparse_logits"].distillation.readout == 0
     assert plans["none"] is None and plans["least_squares"] is None
     assert plans["block_distill"].layers == () and plans["block_distill"].distillation.epochs == 16
     assert plans["block_distill"].logits == LogitDistillation()  # then the logit step, as measured

@@ -44,13 +44,18 @@ from .reconstruct import FitResult
 class BlockDistillation:
     """Train each block for `epochs` passes over the calibration tokens (Adam, cosine-decayed `lr`,
     mini-batches of `batch_size` images drawn with a generator seeded by `seed`) to minimise the mean
-    squared error between its output residual stream and the dense model's. A block that ends worse
-    on the calibration images than it started (e.g. at too high an lr) keeps its refit weights."""
+    squared error between its output residual stream and the dense model's; with `readout` > 0, that
+    share of each block's loss is the relative error of what the head reads of the stream (the class
+    token, or the patch mean for average pooling: `PrunableViT.pool`), the rest that of every token
+    (None: 0 here; `sparsity.distill.sparse_distillation` gives sparse models their measured share).
+    A block that ends worse on the calibration images than it started (e.g. at too high an lr) keeps
+    its refit weights."""
 
     epochs: int = 16
     lr: float = 1e-3
     batch_size: int = 32
     seed: int = 0
+    readout: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -59,6 +64,8 @@ class BlockDistillation:
             raise ValueError(f"block distillation: lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"block distillation: batch_size must be >= 1, got {self.batch_size}")
+        if self.readout is not None and not 0 <= self.readout < 1:
+            raise ValueError(f"block distillation: readout must be in [0, 1), got {self.readout}")
 
     def __call__(self, model: PrunableViT, reference: PrunableViT, images: Sequence[Tensor],
                  device: str | torch.device = "cpu", progress: bool = True,
@@ -72,7 +79,9 @@ class BlockDistillation:
 
         With `checkpoint`, every tuned block is saved (the student's weights, the generator's state)
         and a stop requested (`interrupt.py`) takes effect after it; a call with a saved state goes
-        on from the next block with the same mini-batches, as if never stopped."""
+        on from the next block with the same mini-batches, as if never stopped. With `readout`, the
+        errors (and the check that a block improved) are those of the loss: `readout` x the error of
+        the pooled stream + (1 - `readout`) x that of the whole stream."""
         if model.masked == (masks is not None):
             raise ValueError("block distillation works on the masked model (before compact()), or on a mask-free "
                              "sparse model with its weight masks (masks=...)")
@@ -114,14 +123,14 @@ class BlockDistillation:
                 if i < start:  # tuned before a stop: its output, from its saved weights
                     ours = _chunked(block, ours, self.batch_size)
                     continue
-                before = _relative_error(_chunked(block, ours, self.batch_size), target)
+                before = self._error(_chunked(block, ours, self.batch_size), target, student.pool)
             held = {p: masks[f"blocks.{i}.{name}"].to(p.device, p.dtype)
                     for name, p in block.named_parameters() if f"blocks.{i}.{name}" in masks}
             refit = copy.deepcopy(block.state_dict())
-            self._train(block, ours, target, held, generator)
+            self._train(block, ours, target, held, generator, student.pool)
             with torch.no_grad():
                 tuned = _chunked(block, ours, self.batch_size)
-                after = _relative_error(tuned, target)
+                after = self._error(tuned, target, student.pool)
                 if not after < before:
                     block.load_state_dict(refit)
                     tuned, after = _chunked(block, ours, self.batch_size), before
@@ -134,6 +143,14 @@ class BlockDistillation:
                 raise_if_stop_requested(f"block {i + 1} of {len(student.blocks)} of block distillation")
         return results
 
+    def _error(self, ours: Tensor, theirs: Tensor, pool: Callable[[Tensor], Tensor]) -> float:
+        """The relative error the block is trained to lower: of the stream, and with `readout` that
+        share of it of what the head reads."""
+        error = _relative_error(ours, theirs)
+        if self.readout:
+            error = (1 - self.readout) * error + self.readout * _relative_error(pool(ours), pool(theirs))
+        return error
+
     def _resume(self, student: PrunableViT, saved: dict | None) -> tuple[int, list[FitResult], torch.Generator]:
         """The blocks done, their results and the generator, fresh or as a saved state left them (its
         weights loaded into `student`)."""
@@ -145,15 +162,23 @@ class BlockDistillation:
         return saved["blocks_done"], [FitResult(**r) for r in saved["results"]], generator
 
     def _train(self, block: nn.Module, inputs: Tensor, target: Tensor, held: Mapping[nn.Parameter, Tensor],
-               generator: torch.Generator) -> None:
+               generator: torch.Generator, pool: Callable[[Tensor], Tensor]) -> None:
         """`epochs` passes of Adam (cosine-decayed lr) on mini-batches of the block's inputs; the
         parameters in `held` keep their zeros (gradient masked before each step, weight after it)."""
         steps = self.epochs * math.ceil(len(inputs) / self.batch_size)
         optimizer, schedule = cosine_adam(block.parameters(), self.lr, steps)
+        share = self.readout or 0.0
+        read = pool(target)  # n, emb: what the head would read of the dense stream
+        # per-element weight that gives the readout term its share of the loss (Adam ignores the scale)
+        weight = share / (1 - share) * float(target.square().mean() / read.square().mean().clamp_min(1e-30))
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randint(len(inputs), (self.batch_size,), generator=generator).to(inputs.device)
-                step_holding_zeros(F.mse_loss(block(inputs[idx]), target[idx]), optimizer, schedule, held)
+                out = block(inputs[idx])
+                loss = F.mse_loss(out, target[idx])
+                if share:
+                    loss = loss + weight * F.mse_loss(pool(out), read[idx])
+                step_holding_zeros(loss, optimizer, schedule, held)
         optimizer.zero_grad(set_to_none=True)
 
 
