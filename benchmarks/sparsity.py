@@ -164,7 +164,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
         if "2:4" in name or "NViT" in name:
             continue
@@ -173,7 +173,7 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(next(iter(results.values()))["dense_top1"], color="gray", ls=":", label="dense")
     ax.set_xlabel("sparsity of the block linears (one-shot, global)")
     ax.set_ylabel("top-1 on 1300 ImageNet val images (%)")
-    ax.legend()
+    ax.legend(fontsize="x-small", loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
