@@ -64,9 +64,8 @@ def main() -> None:
         masks = weight_masks(sparse, layers)
         before = evaluate(sparse, datamodule.val_dataloader(), desc=f"{level} before")
         report = distill_sparse(reconstruction, sparse, dense, batches, layers)
-        params = dict(sparse.named_parameters())
-        for name, mask in masks.items():
-            assert torch.equal(params[name] != 0, mask.bool()), f"{name}: a zero moved"
+        held = weight_masks(sparse, layers)
+        assert all(torch.equal(held[name], mask) for name, mask in masks.items()), "a zero moved"
         after = evaluate(sparse, datamodule.val_dataloader(), desc=f"{level} after")
         results.setdefault(args.name, {"overrides": args.overrides, "levels": {}})["levels"][level] = {
             "before": before, "after": after, **report}

@@ -168,9 +168,10 @@ class BlockDistillation:
         steps = self.epochs * math.ceil(len(inputs) / self.batch_size)
         optimizer, schedule = cosine_adam(block.parameters(), self.lr, steps)
         share = self.readout or 0.0
-        read = pool(target)  # n, emb: what the head would read of the dense stream
-        # per-element weight that gives the readout term its share of the loss (Adam ignores the scale)
-        weight = share / (1 - share) * float(target.square().mean() / read.square().mean().clamp_min(1e-30))
+        if share:
+            read = pool(target)  # n, emb: what the head would read of the dense stream
+            # per-element weight that gives the readout term its share of the loss (Adam ignores the scale)
+            weight = share / (1 - share) * float(target.square().mean() / read.square().mean().clamp_min(1e-30))
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randint(len(inputs), (self.batch_size,), generator=generator).to(inputs.device)
