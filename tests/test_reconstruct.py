@@ -10,7 +10,7 @@ import torch
 
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning import Structure
-from nvit_lightning.pruning.block_distill import BlockDistillation
+from nvit_lightning.pruning.block_distill import STRUCTURED_LR, BlockDistillation
 from nvit_lightning.pruning.reconstruct import Reconstruction, reconstruct
 
 from .conftest import assert_pruned_slices_zero, block_outputs, random_masks, tiny_vit
@@ -126,6 +126,24 @@ def test_block_distillation_is_reproducible_and_leaves_the_reference_alone() -> 
     torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
     torch.testing.assert_close(dense.state_dict(), dense_state, atol=0, rtol=0)
     assert not dense.training and not pruned.training
+
+
+def test_block_distillation_without_an_lr_trains_at_the_structured_default() -> None:
+    """`lr=None` (block_distill.yaml's default) is `STRUCTURED_LR`: the same weights, bit for bit, as
+    that lr given explicitly, and not those of the sparse models' 1e-3."""
+    dense = tiny_vit()
+    images = _images()
+    tuned = {}
+    for lr in (None, STRUCTURED_LR, 1e-3):
+        pruned = _pruned(dense, seed=2)
+        reconstruct(pruned, dense, images, progress=False)
+        BlockDistillation(epochs=2, lr=lr)(pruned, dense, images, progress=False)
+        tuned[lr] = pruned.state_dict()
+    assert STRUCTURED_LR == 2e-3
+    torch.testing.assert_close(tuned[None], tuned[STRUCTURED_LR], atol=0, rtol=0)
+    assert any(not torch.equal(tuned[None][k], tuned[1e-3][k]) for k in tuned[None])
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        BlockDistillation(lr=0.0)
 
 
 def test_block_distillation_never_leaves_a_block_worse_than_the_refit() -> None:

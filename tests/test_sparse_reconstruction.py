@@ -16,7 +16,7 @@ from nvit_lightning.app import build
 from nvit_lightning.models import PrunableViT
 from nvit_lightning.pruning.block_distill import BlockDistillation
 from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
-from nvit_lightning.sparsity.distill import SPARSE_READOUT, SparseReconstruction, distill_sparse
+from nvit_lightning.sparsity.distill import SPARSE_LR, SPARSE_READOUT, SparseReconstruction, distill_sparse
 from nvit_lightning.sparsity.logit_distill import LogitDistillation
 from nvit_lightning.sparsity.refit import masked_lstsq, masked_refit
 
@@ -229,9 +229,10 @@ def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
 
 def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
     """sparse_refit: the masked refit of proj / fc1 / fc2 alone; block_distill: the distillation
-    (16 passes, half of each block's loss on the class token unless `readout` is set), then the logit
-    step; sparse_logits: the same with its own settings (4 passes, every token alike); least_squares
-    and none: nothing. A structured run's block_distill keeps `readout` unset (every token alike)."""
+    (16 passes, half of each block's loss on the class token and lr 1e-3 unless `readout` / `lr` is
+    set), then the logit step; sparse_logits: the same with its own settings (4 passes, every token
+    alike); least_squares and none: nothing. A structured run's block_distill keeps `readout` and `lr`
+    unset (every token alike, `STRUCTURED_LR`)."""
     from hydra import compose, initialize_config_dir
 
     from nvit_lightning.app import config_dir
@@ -244,10 +245,14 @@ def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
             plans[name] = sparse_distillation(build(cfg.reconstruction) if cfg.reconstruction else None)
         structured = build(compose("prune", overrides=["reconstruction=block_distill"]).reconstruction)
         explicit = compose("prune", overrides=["pruner=ovit", "reconstruction=block_distill",
-                                               "reconstruction.distillation.readout=0"])
+                                               "reconstruction.distillation.readout=0",
+                                               "reconstruction.distillation.lr=3e-3"])
         plans["readout 0"] = sparse_distillation(build(explicit.reconstruction))
     assert structured.distillation.readout is None  # every token alike (`_train`'s share 0)
+    assert structured.distillation.lr is None  # STRUCTURED_LR
     assert plans["block_distill"].distillation.readout == SPARSE_READOUT == 0.5
+    assert plans["block_distill"].distillation.lr == SPARSE_LR == 1e-3
+    assert plans["readout 0"].distillation.lr == 3e-3  # an explicit value is kept
     assert plans["readout 0"].distillation.readout == 0 and plans["sparse_logits"].distillation.readout == 0
     assert plans["none"] is None and plans["least_squares"] is None
     assert plans["block_distill"].layers == () and plans["block_distill"].distillation.epochs == 16

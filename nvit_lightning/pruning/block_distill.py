@@ -39,6 +39,12 @@ from ..models.compact import load_compact_into
 from .interrupt import Checkpoint, cpu_state, raise_if_stop_requested
 from .reconstruct import FitResult
 
+# Adam's learning rate for a structurally pruned model when none is configured (held-out top-1 / KL to
+# the dense logits at 0.65 and 0.5 of the dense latency: lr 1e-3 65.1 / 0.696 and 34.7 / 2.43, 2e-3
+# 65.3 / 0.683 and 35.5 / 2.27, 3e-3 64.0 / 0.708 and 38.0 / 2.24: docs/research_log.md); sparse
+# models get theirs from `sparsity.distill.sparse_distillation`
+STRUCTURED_LR = 2e-3
+
 
 @dataclass(frozen=True)
 class BlockDistillation:
@@ -46,13 +52,13 @@ class BlockDistillation:
     mini-batches of `batch_size` images drawn with a generator seeded by `seed`) to minimise the mean
     squared error between its output residual stream and the dense model's; with `readout` > 0, that
     share of each block's loss is the relative error of what the head reads of the stream (the class
-    token, or the patch mean for average pooling: `PrunableViT.pool`), the rest that of every token
-    (None: 0 here; `sparsity.distill.sparse_distillation` gives sparse models their measured share).
-    A block that ends worse on the calibration images than it started (e.g. at too high an lr) keeps
-    its refit weights."""
+    token, or the patch mean for average pooling: `PrunableViT.pool`), the rest that of every token.
+    Unset, `lr` is `STRUCTURED_LR` and `readout` 0 here; `sparsity.distill.sparse_distillation` gives
+    sparse models their own measured values. A block that ends worse on the calibration images than
+    it started (e.g. at too high an lr) keeps its refit weights."""
 
     epochs: int = 16
-    lr: float = 1e-3
+    lr: float | None = None
     batch_size: int = 32
     seed: int = 0
     readout: float | None = None
@@ -60,7 +66,7 @@ class BlockDistillation:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"block distillation: epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"block distillation: lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"block distillation: batch_size must be >= 1, got {self.batch_size}")
@@ -166,7 +172,7 @@ class BlockDistillation:
         """`epochs` passes of Adam (cosine-decayed lr) on mini-batches of the block's inputs; the
         parameters in `held` keep their zeros (gradient masked before each step, weight after it)."""
         steps = self.epochs * math.ceil(len(inputs) / self.batch_size)
-        optimizer, schedule = cosine_adam(block.parameters(), self.lr, steps)
+        optimizer, schedule = cosine_adam(block.parameters(), self.lr or STRUCTURED_LR, steps)
         share = self.readout or 0.0
         if share:
             read = pool(target)  # n, emb: what the head would read of the dense stream
