@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,9 +15,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nvit_lightning.app import build
 from nvit_lightning.models import PrunableViT
-from nvit_lightning.pruning.block_distill import BlockDistillation
+from nvit_lightning.pruning.block_distill import (
+    SPARSE_LR,
+    SPARSE_READOUT,
+    STRUCTURED_LR,
+    STRUCTURED_READOUT,
+    BlockDistillation,
+)
 from nvit_lightning.sparsity import OBSSparsifier, is_n_m_sparse, sparsifiable_layers, weight_masks
-from nvit_lightning.sparsity.distill import SPARSE_LR, SPARSE_READOUT, SparseReconstruction, distill_sparse
+from nvit_lightning.sparsity.distill import SparseReconstruction, distill_sparse
 from nvit_lightning.sparsity.logit_distill import LogitDistillation
 from nvit_lightning.sparsity.refit import masked_lstsq, masked_refit
 
@@ -97,7 +104,7 @@ def test_distillation_lowers_every_blocks_error_below_ovits() -> None:
     sparse = _sparse(dense, "unstructured")
     ovit = copy.deepcopy(sparse)
     batches, unseen = _batches(4), [x for x, _ in _batches(2, seed=11)]
-    report = distill_sparse(BlockDistillation(epochs=8, lr=1e-3, batch_size=16), sparse, dense, batches,
+    report = distill_sparse(BlockDistillation(epochs=8, lr=1e-3, batch_size=16, readout=0.0), sparse, dense, batches,
                             list(sparsifiable_layers(sparse)), progress=False)
     assert len(report["block_errors"]) == 2 and report["seconds"] >= 0
     assert all(after < before for before, after in report["block_errors"])
@@ -105,6 +112,23 @@ def test_distillation_lowers_every_blocks_error_below_ovits() -> None:
         reference = block_outputs(dense, images)
         for o, s, r in zip(block_outputs(ovit, images), block_outputs(sparse, images), reference):
             assert (s - r).square().sum() < 0.9 * (o - r).square().sum()
+
+
+def test_unset_settings_train_a_sparse_model_at_the_sparse_values() -> None:
+    """A bare `BlockDistillation` handed a sparse model (from Python, or block_distill.yaml's unset
+    `lr` / `readout`) trains it bit for bit as `SPARSE_LR` / `SPARSE_READOUT` given explicitly, and not
+    at the structured models' values."""
+    dense = _dense()
+    ovit = _sparse(dense, "unstructured")
+    tuned = {}
+    for name, settings in {"unset": {}, "sparse": {"lr": SPARSE_LR, "readout": SPARSE_READOUT},
+                           "structured": {"lr": STRUCTURED_LR, "readout": STRUCTURED_READOUT}}.items():
+        sparse = copy.deepcopy(ovit)
+        distill_sparse(BlockDistillation(epochs=2, batch_size=16, **settings), sparse, dense, _batches(2),
+                       list(sparsifiable_layers(sparse)), progress=False)
+        tuned[name] = sparse.state_dict()
+    torch.testing.assert_close(tuned["unset"], tuned["sparse"], atol=0, rtol=0)
+    assert any(not torch.equal(tuned["unset"][k], tuned["structured"][k]) for k in tuned["unset"])
 
 
 @pytest.mark.parametrize("global_pool", ["token", "avg"])
@@ -229,10 +253,9 @@ def test_prune_py_sparsify_honours_the_reconstruction(tmp_path) -> None:
 
 def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
     """sparse_refit: the masked refit of proj / fc1 / fc2 alone; block_distill: the distillation
-    (16 passes, half of each block's loss on the class token and lr 1e-3 unless `readout` / `lr` is
-    set), then the logit step; sparse_logits: the same with its own settings (4 passes, every token
-    alike); least_squares and none: nothing. A structured run's block_distill keeps `readout` and `lr`
-    unset (every token alike, `STRUCTURED_LR`)."""
+    (16 passes, `readout` and `lr` unset, so a sparse model gets half of each block's loss on the
+    class token and lr 1e-3; set ones are kept), then the logit step; sparse_logits: the same with its
+    own settings (4 passes, every token alike); least_squares and none: nothing."""
     from hydra import compose, initialize_config_dir
 
     from nvit_lightning.app import config_dir
@@ -248,12 +271,15 @@ def test_each_configured_reconstruction_maps_to_its_sparse_form() -> None:
                                                "reconstruction.distillation.readout=0",
                                                "reconstruction.distillation.lr=3e-3"])
         plans["readout 0"] = sparse_distillation(build(explicit.reconstruction))
-    assert structured.distillation.readout is None  # every token alike (`_train`'s share 0)
-    assert structured.distillation.lr is None  # STRUCTURED_LR
-    assert plans["block_distill"].distillation.readout == SPARSE_READOUT == 0.5
-    assert plans["block_distill"].distillation.lr == SPARSE_LR == 1e-3
-    assert plans["readout 0"].distillation.lr == 3e-3  # an explicit value is kept
-    assert plans["readout 0"].distillation.readout == 0 and plans["sparse_logits"].distillation.readout == 0
+    assert plans["block_distill"].distillation == structured.distillation  # the same settings, read by model kind
+    assert plans["block_distill"].distillation.for_model(sparse=True) == replace(
+        structured.distillation, lr=SPARSE_LR, readout=SPARSE_READOUT)
+    assert structured.distillation.for_model(sparse=False) == replace(
+        structured.distillation, lr=STRUCTURED_LR, readout=STRUCTURED_READOUT)
+    assert (SPARSE_LR, SPARSE_READOUT, STRUCTURED_LR, STRUCTURED_READOUT) == (1e-3, 0.5, 2e-3, 0.0)
+    explicit = plans["readout 0"].distillation.for_model(sparse=True)
+    assert (explicit.lr, explicit.readout) == (3e-3, 0.0)  # set values are kept
+    assert plans["sparse_logits"].distillation.readout == 0
     assert plans["none"] is None and plans["least_squares"] is None
     assert plans["block_distill"].layers == () and plans["block_distill"].distillation.epochs == 16
     assert plans["block_distill"].logits == LogitDistillation()  # then the logit step, as measured

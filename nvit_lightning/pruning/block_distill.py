@@ -27,7 +27,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +39,18 @@ from ..models.compact import load_compact_into
 from .interrupt import Checkpoint, cpu_state, raise_if_stop_requested
 from .reconstruct import FitResult
 
-# Adam's learning rate for a structurally pruned model when none is configured (held-out top-1 / KL to
-# the dense logits at 0.65 and 0.5 of the dense latency: lr 1e-3 65.1 / 0.696 and 34.7 / 2.43, 2e-3
-# 65.3 / 0.683 and 35.5 / 2.27, 3e-3 64.0 / 0.708 and 38.0 / 2.24: docs/research_log.md); sparse
-# models get theirs from `sparsity.distill.sparse_distillation`
+# The values an unset `lr` / `readout` takes, by the kind of model tuned. A structurally pruned one is
+# under-fitted at the far end and wants larger steps (held-out top-1 / KL to the dense logits at 0.65
+# and 0.5 of the dense latency: lr 1e-3 65.1 / 0.696 and 34.7 / 2.43, 2e-3 65.3 / 0.683 and 35.5 / 2.27,
+# 3e-3 64.0 / 0.708 and 38.0 / 2.24: docs/research_log.md). A sparse one over-fits its calibration
+# images (KL to the dense logits 0.02 there, 0.20 held out at 50 %) and keeps the lr every sparse
+# result was measured with, with half of each block's loss on what the head reads (held-out KL after
+# the whole reconstruction at 50 / 70 %: 0.255 / 0.772 -> 0.199 / 0.753, top-1 71.7 / 59.7 -> 73.2 /
+# 58.9: docs/sparsity_reconstruction.md, round five).
 STRUCTURED_LR = 2e-3
+STRUCTURED_READOUT = 0.0  # not measured there
+SPARSE_LR = 1e-3
+SPARSE_READOUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,10 @@ class BlockDistillation:
     squared error between its output residual stream and the dense model's; with `readout` > 0, that
     share of each block's loss is the relative error of what the head reads of the stream (the class
     token, or the patch mean for average pooling: `PrunableViT.pool`), the rest that of every token.
-    Unset, `lr` is `STRUCTURED_LR` and `readout` 0 here; `sparsity.distill.sparse_distillation` gives
-    sparse models their own measured values. A block that ends worse on the calibration images than
-    it started (e.g. at too high an lr) keeps its refit weights."""
+    Unset, `lr` and `readout` take the measured values for the kind of model tuned (`for_model`):
+    `STRUCTURED_*` for a structurally masked one, `SPARSE_*` for a sparse one. A block that ends
+    worse on the calibration images than it started (e.g. at too high an lr) keeps its refit
+    weights."""
 
     epochs: int = 16
     lr: float | None = None
@@ -72,6 +80,13 @@ class BlockDistillation:
             raise ValueError(f"block distillation: batch_size must be >= 1, got {self.batch_size}")
         if self.readout is not None and not 0 <= self.readout < 1:
             raise ValueError(f"block distillation: readout must be in [0, 1), got {self.readout}")
+
+    def for_model(self, sparse: bool) -> BlockDistillation:
+        """These settings with an unset `lr` / `readout` filled in for a `sparse` (or a structurally
+        pruned) model; set ones are kept."""
+        lr, readout = (SPARSE_LR, SPARSE_READOUT) if sparse else (STRUCTURED_LR, STRUCTURED_READOUT)
+        return replace(self, lr=lr if self.lr is None else self.lr,
+                       readout=readout if self.readout is None else self.readout)
 
     def __call__(self, model: PrunableViT, reference: PrunableViT, images: Sequence[Tensor],
                  device: str | torch.device = "cpu", progress: bool = True,
@@ -97,10 +112,11 @@ class BlockDistillation:
         modes = [m.training for m in (model, reference)]
         reference.to(device).eval()  # no dropout / drop path: the function being compressed
         student = model.to(device).compact().eval() if model.masked else model.to(device).eval()
+        settings = self.for_model(sparse=masks is not None)
         try:
-            results = self._distill(student, reference, images, device, progress,
-                                    model.emb_mask.nonzero().flatten() if model.masked else None, masks or {},
-                                    checkpoint or Checkpoint(None))
+            results = settings._distill(student, reference, images, device, progress,
+                                        model.emb_mask.nonzero().flatten() if model.masked else None,
+                                        masks or {}, checkpoint or Checkpoint(None))
         finally:
             model.train(modes[0])
             reference.train(modes[1])
@@ -172,8 +188,8 @@ class BlockDistillation:
         """`epochs` passes of Adam (cosine-decayed lr) on mini-batches of the block's inputs; the
         parameters in `held` keep their zeros (gradient masked before each step, weight after it)."""
         steps = self.epochs * math.ceil(len(inputs) / self.batch_size)
-        optimizer, schedule = cosine_adam(block.parameters(), self.lr or STRUCTURED_LR, steps)
-        share = self.readout or 0.0
+        optimizer, schedule = cosine_adam(block.parameters(), self.lr, steps)
+        share = self.readout
         if share:
             read = pool(target)  # n, emb: what the head would read of the dense stream
             # per-element weight that gives the readout term its share of the loss (Adam ignores the scale)

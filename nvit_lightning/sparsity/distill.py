@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,15 +34,6 @@ from .logit_distill import LogitDistillation
 from .refit import masked_refit
 
 log = logging.getLogger("nvit_lightning")
-
-# the block distillation's share of each block's loss on what the head reads, for sparse models:
-# held-out KL to the dense logits after the whole reconstruction at 50 / 70 %, 0.255 / 0.772 (0) ->
-# 0.199 / 0.753 (0.5); top-1 71.7 / 59.7 -> 73.2 / 58.9 (docs/sparsity_reconstruction.md, round five)
-SPARSE_READOUT = 0.5
-# and its learning rate (every sparse result of docs/sparsity_reconstruction.md was measured with it;
-# structured models take `block_distill.STRUCTURED_LR`)
-SPARSE_LR = 1e-3
-
 
 @dataclass(frozen=True)
 class SparseReconstruction:
@@ -69,9 +60,9 @@ def sparse_distillation(reconstruction: Reconstruction | SparseReconstruction | 
     masked refit; `block_distill`: the block distillation (on held-out images the refit before it
     lost: 70 %, 56.4 -> 44.6 % top-1), then the logit step with its measured settings
     (`LogitDistillation()`: held-out top-1 at 50 / 70 / 80 %, 74.0 / 56.4 / 27.6 -> 75.3 / 55.4 / 30.6,
-    the KL to the dense logits lower at each), its blocks with `SPARSE_READOUT` of their loss on the
-    class token and at `SPARSE_LR` unless the config sets `readout` / `lr`; `least_squares`: nothing
-    (its whole-layer refit would refill the zeros; the masked one is `sparse_refit`). `sparse_logits`
+    the KL to the dense logits lower at each), an unset `readout` / `lr` taking the sparse values
+    (`BlockDistillation.for_model`); `least_squares`: nothing (its whole-layer refit would refill the
+    zeros; the masked one is `sparse_refit`). `sparse_logits`
     (a `SparseReconstruction`) sets every step itself."""
     if reconstruction is None or isinstance(reconstruction, SparseReconstruction):
         return reconstruction
@@ -80,12 +71,7 @@ def sparse_distillation(reconstruction: Reconstruction | SparseReconstruction | 
                  "zeros): no reconstruction. reconstruction=sparse_refit refits each row on its kept weights, "
                  "reconstruction=block_distill trains each block with its zeros held")
         return None
-    distillation = reconstruction.distillation
-    if distillation.readout is None:
-        distillation = replace(distillation, readout=SPARSE_READOUT)
-    if distillation.lr is None:
-        distillation = replace(distillation, lr=SPARSE_LR)
-    return SparseReconstruction(layers=(), batches=reconstruction.batches, distillation=distillation,
+    return SparseReconstruction(layers=(), batches=reconstruction.batches, distillation=reconstruction.distillation,
                                 logits=LogitDistillation())
 
 
