@@ -62,8 +62,8 @@ def sparse_distillation(reconstruction: Reconstruction | SparseReconstruction | 
     (`LogitDistillation()`: held-out top-1 at 50 / 70 / 80 %, 74.0 / 56.4 / 27.6 -> 75.3 / 55.4 / 30.6,
     the KL to the dense logits lower at each), an unset `readout` / `lr` taking the sparse values
     (`BlockDistillation.for_model`); `least_squares`: nothing (its whole-layer refit would refill the
-    zeros; the masked one is `sparse_refit`). `sparse_logits`
-    (a `SparseReconstruction`) sets every step itself."""
+    zeros; the masked one is `sparse_refit`). `sparse_logits` (a `SparseReconstruction`) sets every
+    step itself."""
     if reconstruction is None or isinstance(reconstruction, SparseReconstruction):
         return reconstruction
     if reconstruction.distillation is None:
