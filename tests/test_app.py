@@ -75,7 +75,7 @@ def test_default_config_is_the_demo(tmp_path: Path) -> None:
     assert default.pruner.target == 0.65 and default.pruner._target_.endswith("search.LatencySearch")
     assert dict(default.pruner.group_sizes) == {"head": 1, "mlp": 16, "dim": 8, "emb": 32}
     assert default.reconstruction is not None and not default.pruner.emb
-    assert not default.pruner.depth and not default.pruner.head_dims  # issue 28's options, off by default
+    assert default.pruner.head_dims and not default.pruner.depth  # head widths searched; whole sub-layers not
     assert default.reconstruction.distillation.epochs == 16 and default.schedule.finetune_epochs == 0
     assert compose_cfg("prune", [], tmp_path).reconstruction.get("distillation") is None  # the faster refit
     assert default.latency.path.endswith("deit_tiny_cpu_b32.json")
