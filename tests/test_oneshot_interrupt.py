@@ -206,8 +206,9 @@ def test_a_stop_during_the_search_statistics_saves_them_and_resumes_bit_identica
     assert "stopped after the search's layer statistics; state saved in" in output
     assert oneshot_files(run_dir) == ["fingerprint.json", "search.statistics.pt"]
     saved = torch.load(run_dir / "checkpoints" / "oneshot" / "search.statistics.pt", weights_only=True)
-    assert set(saved["statistics"]) == {"blocks.0.attn.proj", "blocks.0.mlp.fc2", "blocks.1.attn.proj",
-                                        "blocks.1.mlp.fc2"}
+    # the readers' statistics, and the attention inputs the head-width fits need (head_dims, on by default)
+    assert set(saved["statistics"]) == {f"blocks.{i}.{layer}" for i in range(2)
+                                        for layer in ("attn.proj", "attn.q", "mlp.fc2")}
 
     with pytest.MonkeyPatch.context() as patch:
         collected = counting(patch, search, "collect_statistics")
