@@ -48,8 +48,10 @@ OURS: dict[str, list[str]] = {
     "ours + block distillation, lr 1e-3": ["reconstruction=block_distill", "reconstruction.distillation.lr=1e-3"],
     # the search before 2026-12-07: whole heads and MLP neurons only, no head widths
     "ours + block distillation, heads and MLP only": ["reconstruction=block_distill", "pruner.head_dims=false"],
-    # issue 28: whole sub-layers (depth) and head widths (qk = v) among the search's options
-    "ours + depth + block distillation": ["reconstruction=block_distill", "pruner.depth=true"],
+    # issue 28: whole sub-layers (depth) and head widths (qk = v) among the search's options; head widths
+    # are on by default since 2026-12-07, so "depth" alone turns them off
+    "ours + depth + block distillation": ["reconstruction=block_distill", "pruner.depth=true",
+                                          "pruner.head_dims=false"],
     "ours + depth + head widths + block distillation": ["reconstruction=block_distill", "pruner.depth=true",
                                                         "pruner.head_dims=true"],
     "ours + depth + head widths": ["pruner.depth=true", "pruner.head_dims=true"],
